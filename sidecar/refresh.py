@@ -1,0 +1,138 @@
+"""Talking to the token endpoint, for each flavor.
+
+Each refresher turns one HTTP exchange into a new TokenPair, RefreshDead or
+RefreshTransient.  This is the one seam where aiohttp's exceptions become
+sidecar's; nothing here caches or persists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from urllib.parse import quote_plus
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from sidecar.config import Settings
+from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
+from sidecar.tokens import TokenPair, pair_from_grant
+
+# Statuses that mean "this refresh token will never work again" (SPEC §1).
+_ALWAYS_DEAD = frozenset({401, 403})
+_DEAD_WITH_INVALID_GRANT = frozenset({400, 401, 403})
+
+
+class Refresher(Protocol):
+    """Exchanges a pair's refresh token for a new pair."""
+
+    async def refresh(self, pair: TokenPair, now: float) -> TokenPair: ...
+
+
+def classify_failure(status: int, body: bytes) -> RefreshDead | RefreshTransient:
+    """The error a non-2xx token endpoint answer means."""
+    error = _error_code(body)
+    if status in _ALWAYS_DEAD or (status in _DEAD_WITH_INVALID_GRANT and error == "invalid_grant"):
+        suffix = f" ({error})" if error else ""
+        return RefreshDead(f"token endpoint rejected the refresh token: HTTP {status}{suffix}")
+    suffix = f" ({error})" if error else ""
+    return RefreshTransient(f"token endpoint answered HTTP {status}{suffix}")
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = document.get("error") if isinstance(document, dict) else None
+    # Only short machine codes are echoed into messages, never free text.
+    if isinstance(error, str) and len(error) <= 64 and error.replace("_", "").isalnum():
+        return error
+    return None
+
+
+class HttpRefresher:
+    """Shared HTTP plumbing; subclasses say what to send."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+        self._session = session
+        self._settings = settings
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        )
+
+    def _request(self, pair: TokenPair) -> tuple[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
+        url, options = self._request(pair)
+        try:
+            async with self._session.post(
+                url, timeout=self._timeout, allow_redirects=False, **options
+            ) as response:
+                body = await response.read()
+                status = response.status
+        except asyncio.TimeoutError:
+            raise RefreshTransient("token endpoint timed out") from None
+        except aiohttp.ClientError as exc:
+            raise RefreshTransient(f"token endpoint unreachable: {type(exc).__name__}") from None
+        except OSError as exc:
+            raise RefreshTransient(f"token endpoint unreachable: {exc.strerror or type(exc).__name__}") from None
+        if not 200 <= status < 300:
+            raise classify_failure(status, body)
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise RefreshTransient(f"token endpoint answered HTTP {status} without JSON") from None
+        return pair_from_grant(document, previous=pair, now=now, api_url=pair.api_url)
+
+
+class RelayRefresher(HttpRefresher):
+    """The default cloud: POST ``API + refresh_path`` with JSON ``{"refreshToken": RT}``."""
+
+    def _request(self, pair: TokenPair) -> tuple[str, dict[str, Any]]:
+        upstream = self._settings.upstream or pair.api_url
+        if not upstream:
+            raise ConfigError("upstream: not configured and the token store has no apiUrl")
+        url = upstream.rstrip("/") + "/" + self._settings.refresh_path.lstrip("/")
+        return url, {
+            "data": orjson.dumps({"refreshToken": pair.refresh_token}),
+            "headers": {"Content-Type": "application/json", "Accept": "application/json"},
+        }
+
+
+class OAuth2Refresher(HttpRefresher):
+    """RFC 6749 §6: a form POST to ``token_url`` with ``grant_type=refresh_token``.
+
+    Client credentials go in HTTP Basic when both id and secret are set,
+    else ``client_id`` goes in the form (a public client).
+    """
+
+    def _request(self, pair: TokenPair) -> tuple[str, dict[str, Any]]:
+        settings = self._settings
+        if not settings.token_url:
+            raise ConfigError("token_url: required when flavor is oauth2")
+        form = {"grant_type": "refresh_token", "refresh_token": pair.refresh_token}
+        options: dict[str, Any] = {"headers": {"Accept": "application/json"}}
+        if settings.client_id and settings.client_secret:
+            options["headers"]["Authorization"] = basic_credentials(settings.client_id, settings.client_secret)
+        elif settings.client_id:
+            form["client_id"] = settings.client_id
+        if settings.scope:
+            form["scope"] = settings.scope
+        options["data"] = form
+        return settings.token_url, options
+
+
+def basic_credentials(client_id: str, client_secret: str) -> str:
+    """RFC 6749 §2.3.1: both parts form-urlencoded, then HTTP Basic."""
+    raw = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def make_refresher(session: aiohttp.ClientSession, settings: Settings) -> Refresher:
+    """The refresher for ``settings.flavor``."""
+    if settings.flavor == "oauth2":
+        return OAuth2Refresher(session, settings)
+    return RelayRefresher(session, settings)

@@ -1,0 +1,112 @@
+"""Shared fixtures: a fake clock, the mock cloud on loopback, a token store in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from sidecar.config import Settings
+from sidecar.manager import TokenManager
+from sidecar.mockcloud import MockCloud
+from sidecar.refresh import make_refresher
+from sidecar.store import TokenStore
+from sidecar.tokens import TokenPair, parse_timestamp
+
+# The sidecar command as a subprocess, from this interpreter.
+SIDECAR = [sys.executable, "-m", "sidecar"]
+
+
+class FakeClock:
+    """Epoch seconds that move only when a test says so."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def monotonic() -> FakeClock:
+    return FakeClock(1000.0)
+
+
+@pytest.fixture
+async def cloud(clock: FakeClock) -> AsyncIterator[MockCloud]:
+    mock = MockCloud(clock=clock)
+    await mock.start()
+    try:
+        yield mock
+    finally:
+        await mock.stop()
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "config" / "tokens.json"
+
+
+def pair_from_cloud(grant: dict[str, Any], api_url: str, obtained_at: float | None = None) -> TokenPair:
+    return TokenPair(
+        access_token=grant["accessToken"],
+        refresh_token=grant["refreshToken"],
+        api_url=api_url,
+        expires_at=parse_timestamp(grant["accessTokenExpiresAt"]),
+        obtained_at=obtained_at,
+    )
+
+
+def seed_store(path: Path, cloud: MockCloud, *, obtained_at: float | None = None, access_ttl: float | None = None) -> TokenPair:
+    """Log in at the mock cloud and write that pair to the store file."""
+    pair = pair_from_cloud(cloud.issue_pair(access_ttl=access_ttl), cloud.base_url, obtained_at)
+    TokenStore(path).write(pair)
+    return pair
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The process environment without SIDECAR_* variables, plus ``extra``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SIDECAR_")}
+    env.update(extra)
+    return env
+
+
+ManagerFactory = Callable[..., Awaitable[TokenManager]]
+
+
+@pytest.fixture
+async def make_manager(cloud: MockCloud, store_path: Path, clock: FakeClock, monotonic: FakeClock) -> AsyncIterator[ManagerFactory]:
+    """Build TokenManagers on the test's store, clock and mock cloud."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def factory(*, leeway: float = 120.0, sleep: Any = None, refresher: Any = None, **overrides: Any) -> TokenManager:
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        settings = Settings(**{"upstream": cloud.base_url, "store": str(store_path), "read_timeout": 5.0, **overrides})
+        extra = {"sleep": sleep} if sleep is not None else {}
+        return TokenManager(
+            TokenStore(store_path),
+            refresher or make_refresher(session, settings),
+            leeway=leeway,
+            clock=clock,
+            monotonic=monotonic,
+            random=lambda: 0.5,
+            **extra,
+        )
+
+    yield factory
+    for session in sessions:
+        await session.close()
