@@ -182,6 +182,16 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
 }
 
 KEYS = tuple(_PARSERS)
+_TYPED_KEYS = {
+    "allow_remote": "true or false",
+    "leeway": "a number",
+    "replay_limit": "an integer",
+    "relogin_status": "an integer",
+    "connect_timeout": "a number",
+    "read_timeout": "a number",
+    "shutdown_timeout": "a number",
+    "workers": "an integer",
+}
 
 
 def env_name(key: str) -> str:
@@ -225,6 +235,9 @@ def load_settings(
         for key, value in read_toml(path).items():
             if key not in _PARSERS:
                 raise ConfigError(f"{path}: unknown key {key!r}")
+            if isinstance(value, str) and key in _TYPED_KEYS:
+                # TOML has real numbers and booleans: a quoted one is a mistake.
+                raise ConfigError(f"{key}: expected {_TYPED_KEYS[key]}, got a string {_describe(value)}")
             values[key] = _PARSERS[key](key, value)
 
     for key, parse in _PARSERS.items():

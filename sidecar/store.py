@@ -117,8 +117,12 @@ class PendingWrite:
         self._fd = None
         try:
             try:
+                data = serialize_store(pair)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise OSError(0, f"cannot encode the token pair ({type(exc).__name__})") from None
+            try:
                 os.fchmod(fd, FILE_MODE)
-                view = memoryview(serialize_store(pair))
+                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
@@ -178,7 +182,8 @@ class TokenStore:
     def read(self) -> StoreSnapshot:
         """Read the store; never raises for a missing, unreadable or corrupt file."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted at the path must not hang the reader.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return StoreSnapshot(None, None, None)
         except OSError as exc:
@@ -254,6 +259,11 @@ class TokenStore:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
             raise StoreError(f"cannot open lock file {self.lock_path}: {_strerror(exc)}") from None
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                os.fchmod(fd, FILE_MODE)
+        except OSError:
+            pass
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)

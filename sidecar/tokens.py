@@ -12,6 +12,12 @@ from typing import Any, Mapping
 
 from sidecar.errors import RefreshTransient
 
+# Expiries past this are treated as unparseable: they cannot be written back
+# as ISO 8601 (year 9999 is the end of datetime), and no token lives that long.
+MAX_EPOCH = 253_000_000_000.0  # about year 9987
+# expires_in beyond a century is a broken server, not a long-lived token.
+MAX_EXPIRES_IN = 100 * 365 * 86400.0
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TokenPair:
@@ -82,7 +88,11 @@ def parse_timestamp(value: object) -> float | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+    try:
+        epoch = moment.timestamp()
+    except (OverflowError, ValueError):
+        return None
+    return epoch if -MAX_EPOCH < epoch < MAX_EPOCH else None
 
 
 def format_timestamp(epoch: float) -> str:
@@ -120,7 +130,7 @@ def pair_from_grant(
     expires_at = parse_timestamp(_first(body, "accessTokenExpiresAt", "access_token_expires_at", "expiresAt", "expires_at"))
     if expires_at is None:
         expires_in = _first(body, "expiresIn", "expires_in")
-        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
+        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and 0 <= expires_in <= MAX_EXPIRES_IN:
             expires_at = now + float(expires_in)
     return TokenPair(
         access_token=access,
