@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from sidecar import __version__
 from sidecar.config import KEYS, Settings, load_settings

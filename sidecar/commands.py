@@ -66,8 +66,9 @@ def login_hint(settings: Settings, pair: TokenPair | None = None) -> str:
     return f"sidecar login --upstream {upstream}" if upstream else "sidecar login --upstream <API>"
 
 
-def import_command(settings: Settings, values: Mapping[str, str | None], env: Mapping[str, str], *, clock: Any = time.time, err: TextIO = sys.stderr) -> int:
-    """Seed the store from flags, else the SIDECAR_* import variables."""
+def pair_from_import(settings: Settings, values: Mapping[str, str | None], env: Mapping[str, str], now: float, previous: TokenPair | None = None) -> TokenPair:
+    """The pair that flags (else SIDECAR_* import variables) describe; ConfigError if unusable."""
+
     def pick(key: str) -> str | None:
         value = values.get(key)
         if value is None:
@@ -76,34 +77,38 @@ def import_command(settings: Settings, values: Mapping[str, str | None], env: Ma
 
     refresh = pick("refresh_token")
     if not refresh:
-        _say(err, "import needs a refresh token: --refresh-token or SIDECAR_REFRESH_TOKEN")
-        return 2
+        raise ConfigError("import needs a refresh token: --refresh-token or SIDECAR_REFRESH_TOKEN")
     raw_expiry = pick("expires_at")
     expires_at = parse_timestamp(raw_expiry) if raw_expiry else None
     if raw_expiry and expires_at is None:
-        _say(err, "--expires-at / SIDECAR_EXPIRES_AT: expected an ISO 8601 timestamp such as 2026-01-31T12:00:00Z")
-        return 2
-    upstream = settings.upstream
-    if not upstream:
-        _say(err, "import needs the cloud API URL: --upstream or SIDECAR_UPSTREAM")
-        return 2
-    store = TokenStore(settings.store)
-    previous = store.read().pair
-    pair = TokenPair(
+        raise ConfigError("--expires-at / SIDECAR_EXPIRES_AT: expected an ISO 8601 timestamp such as 2026-01-31T12:00:00Z")
+    if not settings.upstream:
+        raise ConfigError("import needs the cloud API URL: --upstream or SIDECAR_UPSTREAM")
+    return TokenPair(
         access_token=pick("access_token"),
         refresh_token=refresh,
-        api_url=upstream,
+        api_url=settings.upstream,
         expires_at=expires_at,
-        obtained_at=clock(),
+        obtained_at=now,
         extra=previous.extra if previous else {},
     )
+
+
+def import_command(settings: Settings, values: Mapping[str, str | None], env: Mapping[str, str], *, clock: Any = time.time, err: TextIO = sys.stderr) -> int:
+    """Seed the store from flags, else the SIDECAR_* import variables."""
+    store = TokenStore(settings.store)
+    try:
+        pair = pair_from_import(settings, values, env, clock(), store.read().pair)
+    except ConfigError as exc:
+        _say(err, str(exc))
+        return 2
     fd = store.acquire_lock()
     try:
         store.write(pair)
     finally:
         store.release_lock(fd)
-    note = "" if pair.access_token and expires_at else " (the access token will be refreshed on first use)"
-    _say(err, f"imported a token pair for {upstream} into {store.path}{note}")
+    note = "" if pair.access_token and pair.expires_at else " (the access token will be refreshed on first use)"
+    _say(err, f"imported a token pair for {pair.api_url} into {store.path}{note}")
     return 0
 
 
