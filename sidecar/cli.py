@@ -98,9 +98,25 @@ def _settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings
     return load_settings(flags, env, getattr(args, "config", None))
 
 
-def _setup_logging(settings: Settings) -> None:
+class _JsonFormatter(logging.Formatter):
+    """Log records as JSON lines, matching the access log's shape."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import orjson
+
+        from sidecar.tokens import format_timestamp
+
+        return orjson.dumps({"ts": format_timestamp(record.created), "level": record.levelname.lower(), "message": record.getMessage()}).decode()
+
+
+def _setup_logging(settings: Settings, command: str) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr, format="sidecar: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    json_lines = command == "serve" and (settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty()))
+    handler.setFormatter(_JsonFormatter() if json_lines else logging.Formatter("sidecar: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
     # aiohttp's own access log is replaced by ours in serve.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -109,8 +125,8 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from sidecar import commands
 
     settings = _settings_from(args, env)
-    _setup_logging(settings)
     name = args.command
+    _setup_logging(settings, name)
     if name == "token":
         return asyncio.run(commands.token_command(settings, force=args.force_refresh))
     if name == "import":

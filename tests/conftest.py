@@ -110,3 +110,50 @@ async def make_manager(cloud: MockCloud, store_path: Path, clock: FakeClock, mon
     yield factory
     for session in sessions:
         await session.close()
+
+
+class RunningProxy:
+    """A real listening sidecar proxy in this event loop."""
+
+    def __init__(self, url: str, sidecar: Any, log: Any) -> None:
+        self.url = url
+        self.sidecar = sidecar
+        self.log = log
+
+    @property
+    def manager(self) -> TokenManager:
+        return self.sidecar.manager
+
+
+ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def make_proxy(cloud: MockCloud, store_path: Path, clock: FakeClock) -> AsyncIterator[ProxyFactory]:
+    """Start proxies (upstream: the mock cloud) on 127.0.0.1; each logs JSON into a StringIO.
+
+    Keyword arguments override Settings; ``proactive`` turns the background
+    refresh loop on (off by default so tests control every refresh).
+    """
+    import contextlib
+    import io
+
+    from aiohttp import web
+
+    from sidecar.app import running_sidecar
+    from sidecar.serve import ListenAddress, open_site
+
+    stack = contextlib.AsyncExitStack()
+
+    async def factory(*, proactive: bool = False, **overrides: Any) -> RunningProxy:
+        settings = Settings(**{"upstream": cloud.base_url, "store": str(store_path), "read_timeout": 5.0, "log_format": "json", **overrides})
+        log = io.StringIO()
+        sidecar = await stack.enter_async_context(running_sidecar(settings, log_stream=log, clock=clock, proactive=proactive))
+        runner = web.ServerRunner(sidecar.server, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        url = await open_site(runner, ListenAddress(host="127.0.0.1", port=0))
+        return RunningProxy(url, sidecar, log)
+
+    async with stack:
+        yield factory

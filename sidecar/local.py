@@ -1,0 +1,69 @@
+"""The sidecar's own endpoints under ``/_sidecar/``: health, ready, status, metrics.
+
+None of them ever shows a token; they describe the login, not its secrets.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import orjson
+from aiohttp import web
+
+from sidecar import problems
+from sidecar.config import Settings
+from sidecar.manager import TokenManager
+from sidecar.metrics import Metrics
+from sidecar.tokens import format_timestamp
+
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def status_document(manager: TokenManager, settings: Settings, now: float) -> dict[str, Any]:
+    """The JSON of ``/_sidecar/status`` (SPEC §4)."""
+    pair = manager.pair
+    stats = manager.stats
+    expires_at = pair.expires_at if pair is not None else None
+    next_refresh = manager.next_refresh_at()
+    return {
+        "loggedIn": pair is not None,
+        "apiUrl": settings.upstream or (pair.api_url if pair else None),
+        "expiresAt": format_timestamp(expires_at) if expires_at is not None else None,
+        "secondsToExpiry": round(expires_at - now, 1) if expires_at is not None else None,
+        "refreshes": {"ok": stats.ok, "dead": stats.dead, "transient": stats.transient},
+        "lastRefreshAt": format_timestamp(stats.last_refresh_at) if stats.last_refresh_at else None,
+        "lastError": stats.last_error if pair is not None or stats.last_error else manager.problem,
+        "nextRefreshAt": format_timestamp(next_refresh) if next_refresh is not None else None,
+    }
+
+
+def token_usable(manager: TokenManager, now: float) -> bool:
+    """True when an access token is held that has not expired."""
+    pair = manager.pair
+    return pair is not None and pair.access_token is not None and pair.expires_at is not None and pair.expires_at > now
+
+
+class LocalEndpoints:
+    """Answers ``/_sidecar/<name>``."""
+
+    def __init__(self, manager: TokenManager, settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+        self._manager = manager
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+
+    async def __call__(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return problems.problem_response(problems.METHOD_NOT_ALLOWED, "Sidecar endpoints answer GET only.", headers={"Allow": "GET, HEAD"})
+        if name == "health":
+            return web.json_response({"status": "ok"}, headers=_NO_STORE)
+        if name == "ready":
+            ready = token_usable(self._manager, self._clock())
+            return web.json_response({"ready": ready}, status=200 if ready else 503, headers=_NO_STORE)
+        if name == "status":
+            document = status_document(self._manager, self._settings, self._clock())
+            return web.Response(body=orjson.dumps(document), content_type="application/json", headers=_NO_STORE)
+        if name == "metrics":
+            return web.Response(body=self._metrics.render(), headers={"Content-Type": self._metrics.content_type, **_NO_STORE})
+        return problems.problem_response(problems.NOT_FOUND, "Known endpoints: /_sidecar/health, ready, status, metrics.")

@@ -1,0 +1,401 @@
+"""The request handler: forward to the upstream with a fresh bearer token.
+
+Per request: refuse what must not be forwarded (targets, Host, Origin, dot
+segments), take a token from the manager, send the request upstream with
+hop-by-hop headers dropped and the body framed as the client framed it,
+replay it once after a 401 if it was small enough to buffer, and stream the
+answer back.  Everything the sidecar answers itself is problem+json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from sidecar import problems
+from sidecar.config import Settings
+from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
+from sidecar.guards import host_allowed, origin_allowed, path_escapes, split_target
+from sidecar.headers import request_headers, response_headers, websocket_headers
+from sidecar.manager import TokenManager
+
+LOCAL_PREFIX = "/_sidecar/"
+# aiohttp adds these unless told not to; the client's own are passed as sent.
+_SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+_WS_HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")
+_READ_CHUNK = 256 * 1024
+_NO_CONTENT = frozenset({204, 304})
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """What happened to one request, for the access log and metrics."""
+
+    status: int = 0
+    upstream_status: int | None = None
+    upstream_seconds: float | None = None
+    retried: bool = False
+    refreshed: bool = False
+    error: str | None = None
+
+
+class _ClientGone(Exception):
+    """The client hung up while we were writing to it."""
+
+
+LocalHandler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
+Recorder = Callable[[web.BaseRequest, Outcome, float], None]
+
+
+class Proxy:
+    """Forwards requests to the upstream; one instance per server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        manager: TokenManager,
+        session: aiohttp.ClientSession,
+        local: LocalHandler,
+        record: Recorder,
+    ) -> None:
+        self._settings = settings
+        self._manager = manager
+        self._session = session
+        self._local = local
+        self._record = record
+        self._allowed_hosts = tuple(host.lower() for host in settings.allowed_hosts)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout)
+        self._upstream_cache: tuple[str, str, str] | None = None
+
+    # -- entry point --------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        outcome = Outcome()
+        try:
+            response = await self._dispatch(request, outcome)
+        except _ClientGone:
+            outcome.status = outcome.status or 499
+            outcome.error = "client-gone"
+            raise asyncio.CancelledError() from None
+        finally:
+            self._record(request, outcome, time.perf_counter() - started)
+        return response
+
+    async def _dispatch(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            outcome.status = refusal.status
+            return refusal
+        target = split_target(request.raw_path)
+        assert target is not None  # _refusal checked it
+        path, query = target
+        if path.startswith(LOCAL_PREFIX):
+            response = await self._local(request, path[len(LOCAL_PREFIX):])
+            outcome.status = response.status
+            return response
+        if path_escapes(path):
+            return self._problem(outcome, problems.BAD_TARGET, "The path has a dot-segment or an encoded one; it could leave the upstream's prefix.")
+        try:
+            base = self._upstream_base()
+        except ConfigError:
+            return self._relogin(outcome)
+        url = base + path + query
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request, url, outcome)
+        return await self._forward(request, url, outcome)
+
+    def _refusal(self, request: web.BaseRequest) -> web.Response | None:
+        """A problem response for requests that must not go anywhere, else None."""
+        headers = request.headers
+        if request.method == "CONNECT":
+            return problems.problem_response(problems.METHOD_NOT_ALLOWED, "CONNECT is not supported: this is a reverse proxy to one upstream.", headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"})
+        if split_target(request.raw_path) is None:
+            return problems.problem_response(problems.BAD_TARGET, "Only origin-form request targets (/path?query) are accepted.")
+        host = headers.get("Host")
+        if not host_allowed(host, self._allowed_hosts):
+            return problems.problem_response(problems.HOST_NOT_ALLOWED, "The Host header is not one of allowed_hosts.")
+        if not origin_allowed(headers.get("Origin"), headers.get("Sec-Fetch-Site"), host, self._settings.allowed_origins):
+            return problems.problem_response(problems.ORIGIN_NOT_ALLOWED, "Cross-site browser requests are refused; add the origin to allowed_origins to allow it.")
+        return None
+
+    # -- upstream -----------------------------------------------------------
+
+    def _upstream_base(self) -> str:
+        """The upstream URL without a trailing slash (settings, else the store's apiUrl)."""
+        upstream = self._settings.upstream
+        if not upstream:
+            pair = self._manager.pair
+            upstream = pair.api_url if pair is not None else None
+        if not upstream:
+            raise ConfigError("upstream: not configured and not in the token store")
+        cached = self._upstream_cache
+        if cached is None or cached[0] != upstream:
+            parsed = URL(upstream)
+            origin = str(parsed.origin())
+            cached = (upstream, upstream.rstrip("/"), origin)
+            self._upstream_cache = cached
+        return cached[1]
+
+    def _rewrite_location(self, location: str, request: web.BaseRequest) -> str:
+        """Point a redirect inside the upstream at the sidecar instead."""
+        cached = self._upstream_cache
+        if cached is None:
+            return location
+        _, base, origin = cached
+        prefix = base[len(origin):]
+        if location.startswith(base + "/") or location == base:
+            rest = location[len(base):] or "/"
+        elif location.startswith("/") and not location.startswith("//") and prefix and (location.startswith(prefix + "/") or location == prefix):
+            rest = location[len(prefix):] or "/"
+        else:
+            return location
+        return f"http://{request.headers.get('Host', '127.0.0.1')}{rest}"
+
+    async def _token(self, outcome: Outcome) -> str | web.Response:
+        manager = self._manager
+        before = manager.stats.ok
+        try:
+            token = await manager.access_token()
+        except NotLoggedIn:
+            return self._relogin(outcome)
+        except RefreshTransient as exc:
+            return self._problem(outcome, problems.REFRESH_UNAVAILABLE, "No access token yet and the token endpoint is failing; retry later.", retry_after=exc.retry_after)
+        if manager.stats.ok != before:
+            outcome.refreshed = True
+        return token
+
+    async def _token_after_401(self, rejected: str, outcome: Outcome) -> str | web.Response:
+        outcome.refreshed = True
+        try:
+            return await self._manager.token_rejected(rejected)
+        except NotLoggedIn:
+            return self._relogin(outcome)
+        except RefreshTransient as exc:
+            return self._problem(outcome, problems.REFRESH_UNAVAILABLE, "The upstream rejected the token and refreshing it is failing; retry later.", retry_after=exc.retry_after)
+
+    async def _forward(self, request: web.BaseRequest, url: str, outcome: Outcome) -> web.StreamResponse:
+        token = await self._token(outcome)
+        if isinstance(token, web.Response):
+            return token
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body, chunked, replayable = await self._request_body(request)
+        target = URL(url, encoded=True)
+        while True:
+            headers = request_headers(request.headers, "Bearer " + token)
+            sent = time.perf_counter()
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    target,
+                    headers=headers,
+                    data=body,
+                    chunked=chunked or None,
+                    allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                    timeout=self._timeout,
+                    compress=None,
+                )
+            except asyncio.TimeoutError:
+                return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer in time.")
+            except aiohttp.ClientError as exc:
+                return self._problem(outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached ({type(exc).__name__}).")
+            outcome.upstream_status = upstream.status
+            outcome.upstream_seconds = time.perf_counter() - sent
+            if upstream.status != 401 or outcome.retried:
+                break
+            if not replayable:
+                # The body is gone: refresh for the next request, pass the 401 on.
+                await self._token_after_401(token, outcome)
+                return await self._relay(request, upstream, outcome, {"X-Sidecar-Retry": "not-replayable"})
+            upstream.release()
+            fresh = await self._token_after_401(token, outcome)
+            if isinstance(fresh, web.Response):
+                return fresh
+            token = fresh
+            outcome.retried = True
+        return await self._relay(request, upstream, outcome, None)
+
+    async def _request_body(self, request: web.BaseRequest) -> tuple[bytes | AsyncIterator[bytes] | None, bool, bool]:
+        """``(body, chunked, replayable)`` keeping the client's framing.
+
+        Bodies up to replay_limit are buffered so a 401 can replay them byte
+        for byte; larger ones stream with back-pressure and are not replayed.
+        """
+        if not request.body_exists:
+            return None, False, True
+        limit = self._settings.replay_limit
+        length = request.content_length
+        if length is not None:
+            if length <= limit:
+                return await request.read(), False, True
+            return _stream(b"", request.content), False, False
+        prefix = await _read_up_to(request.content, limit + 1)
+        if len(prefix) <= limit:
+            return prefix, True, True
+        return _stream(prefix, request.content), True, False
+
+    async def _relay(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, outcome: Outcome, extra: dict[str, str] | None) -> web.StreamResponse:
+        """Stream the upstream's response to the client."""
+        try:
+            headers = response_headers(upstream.headers)
+            location = headers.get("Location")
+            if location is not None:
+                headers["Location"] = self._rewrite_location(location, request)
+            if extra:
+                headers.update(extra)
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            outcome.status = upstream.status
+            if "Content-Length" not in headers and upstream.status not in _NO_CONTENT and request.method != "HEAD" and request.version >= aiohttp.HttpVersion11:
+                response.enable_chunked_encoding()
+            try:
+                await response.prepare(request)
+            except (ConnectionError, aiohttp.ClientConnectionResetError):
+                raise _ClientGone() from None
+            content = upstream.content
+            try:
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    try:
+                        await response.write(chunk)
+                    except (ConnectionError, aiohttp.ClientConnectionResetError):
+                        raise _ClientGone() from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # Mid-body failure: cut the client's connection so a truncated
+                # body can never look complete.
+                outcome.error = type(exc).__name__
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            try:
+                await response.write_eof()
+            except (ConnectionError, aiohttp.ClientConnectionResetError):
+                raise _ClientGone() from None
+            return response
+        finally:
+            upstream.close() if not upstream.content.is_eof() else upstream.release()
+
+    # -- websocket ----------------------------------------------------------
+
+    async def _websocket(self, request: web.BaseRequest, url: str, outcome: Outcome) -> web.StreamResponse:
+        token = await self._token(outcome)
+        if isinstance(token, web.Response):
+            return token
+        protocols = tuple(p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip())
+        while True:
+            headers = websocket_headers(request.headers, "Bearer " + token, _WS_HANDSHAKE_HEADERS)
+            try:
+                upstream = await self._session.ws_connect(
+                    URL(url, encoded=True),
+                    headers=headers,
+                    protocols=protocols,
+                    autoclose=False,
+                    autoping=False,
+                    max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self._settings.read_timeout),
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                outcome.upstream_status = exc.status
+                if exc.status == 401 and not outcome.retried:
+                    fresh = await self._token_after_401(token, outcome)
+                    if isinstance(fresh, web.Response):
+                        return fresh
+                    token = fresh
+                    outcome.retried = True
+                    continue
+                outcome.status = exc.status or 502
+                return web.Response(status=exc.status or 502, text=f"upstream refused the WebSocket handshake ({exc.status})\n")
+            except asyncio.TimeoutError:
+                return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer the WebSocket handshake in time.")
+            except aiohttp.ClientError as exc:
+                return self._problem(outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached ({type(exc).__name__}).")
+            break
+        outcome.upstream_status = 101
+        downstream = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False, autoping=False, max_msg_size=0)
+        try:
+            await downstream.prepare(request)
+            outcome.status = 101
+            await _pump_websockets(downstream, upstream)
+        finally:
+            await upstream.close()
+        return downstream
+
+    # -- problems -----------------------------------------------------------
+
+    def _problem(self, outcome: Outcome, problem: problems.Problem, detail: str, **options: object) -> web.Response:
+        response = problems.problem_response(problem, detail, **options)  # type: ignore[arg-type]
+        outcome.status = response.status
+        outcome.error = problem.code
+        return response
+
+    def _relogin(self, outcome: Outcome) -> web.Response:
+        upstream = self._settings.upstream
+        if not upstream:
+            pair = self._manager.pair
+            upstream = pair.api_url if pair else None
+        hint = f"sidecar login --upstream {upstream or '<API>'}"
+        reason = self._manager.problem or "not logged in"
+        return self._problem(
+            outcome,
+            problems.RELOGIN_REQUIRED,
+            f"{reason[0].upper()}{reason[1:]}. Run: {hint}",
+            status=self._settings.relogin_status,
+            extra={"login": hint},
+        )
+
+
+async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+async def _stream(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _pump_websockets(downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Copy frames both ways until either side closes."""
+
+    async def copy(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+        async for message in source:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == aiohttp.WSMsgType.PING:
+                await sink.ping(message.data)
+            elif message.type == aiohttp.WSMsgType.PONG:
+                await sink.pong(message.data)
+        if not sink.closed:
+            await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+
+    tasks = [asyncio.ensure_future(copy(downstream, upstream)), asyncio.ensure_future(copy(upstream, downstream))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
