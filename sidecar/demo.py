@@ -1,0 +1,83 @@
+"""``sidecar demo``: a mock cloud with short-lived tokens, a real login, and the proxy.
+
+Everything runs in this process on loopback with a throwaway token store, so
+the demo never touches a real login.  Ctrl-C stops it all and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+
+from sidecar.app import Sidecar
+from sidecar.config import Settings
+from sidecar.login import callback_flow, save_login
+from sidecar.mockcloud import MockCloud
+from sidecar.serve import install_uvloop, parse_listen, serve
+
+
+async def _act_as_browser(url: str) -> None:
+    """Follow the login redirects the way a browser would (the mock cloud approves at once)."""
+    async with aiohttp.ClientSession() as browser:
+        async with browser.get(url) as response:
+            await response.read()
+
+
+def instructions(proxy_url: str, cloud_url: str, store: str, access_ttl: float) -> str:
+    return f"""
+sidecar demo is running.
+  mock cloud : {cloud_url}  (access tokens live {access_ttl:g} s)
+  proxy      : {proxy_url}
+  token store: {store}  (temporary, removed on exit)
+
+Try, in another terminal:
+  curl -s {proxy_url}/api/v1/auth/whoami
+  curl -s {proxy_url}/api/v1/echo?hello=world
+  curl -s {proxy_url}/_sidecar/status        # watch "refreshes" count up every ~{access_ttl / 2:g} s
+  curl -s -X POST {cloud_url}/_mock/revoke-refresh -o /dev/null; \\
+  curl -s -X POST {cloud_url}/_mock/revoke-access -o /dev/null; \\
+  curl -s -i {proxy_url}/api/v1/echo          # the refresh token is dead: 511 with a re-login hint
+
+Press Ctrl-C to stop.
+"""
+
+
+async def run_demo(settings: Settings, *, access_ttl: float, cloud_port: int, out: TextIO) -> None:
+    address = parse_listen(settings.listen, settings.allow_remote)
+    cloud = MockCloud(access_ttl=access_ttl)
+    cloud_url = await cloud.start("127.0.0.1", cloud_port)
+    try:
+        settings = dataclasses.replace(settings, upstream=cloud_url)
+        print(f"Logging in to the mock cloud at {cloud_url} through the browser flow (the demo plays the browser)...", file=out, flush=True)
+        pending: list[asyncio.Task[None]] = []
+        pair = await callback_flow(cloud_url, timeout=30, announce=lambda url: pending.append(asyncio.ensure_future(_act_as_browser(url))))
+        await asyncio.gather(*pending)
+        save_login(settings, pair)
+
+        def ready(url: str, _sidecar: Sidecar) -> None:
+            print(instructions(url, cloud_url, settings.store, access_ttl), file=out, flush=True)
+
+        await serve(settings, address, ready=ready)
+    finally:
+        await cloud.stop()
+
+
+def demo_command(settings: Settings, *, access_ttl: float, cloud_port: int, out: TextIO = sys.stdout) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
+    settings = dataclasses.replace(settings, store=str(workdir / "tokens.json"))
+    install_uvloop()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_demo(settings, access_ttl=access_ttl, cloud_port=cloud_port, out=out))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("sidecar demo stopped.", file=out)
+    return 0
