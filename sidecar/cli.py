@@ -26,6 +26,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 _BOOL_KEYS = {"allow_remote"}
+_LONG_RUNNING = {"serve", "demo", "mock-cloud"}
 _KEY_HELP = {
     "upstream": "cloud API base URL (may carry a path prefix)",
     "listen": "HOST:PORT or unix:/path.sock to listen on",
@@ -116,6 +117,10 @@ def _setup_logging(settings: Settings, command: str) -> None:
     handler.setFormatter(_JsonFormatter() if json_lines else logging.Formatter("sidecar: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    if command not in _LONG_RUNNING and level > logging.DEBUG:
+        # One-shot commands report their own outcome in one line; the
+        # manager's running commentary would say everything twice.
+        level = max(level, logging.ERROR)
     root.setLevel(level)
     # aiohttp's own access log is replaced by ours in serve.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -44,10 +44,11 @@ async def token_command(settings: Settings, *, force: bool, out: TextIO = sys.st
     store = TokenStore(settings.store)
     async with _client_session(settings) as session:
         manager = TokenManager(store, make_refresher(session, settings), leeway=settings.leeway)
+        before = manager.pair  # the hint needs its apiUrl even after a dead token clears it
         try:
             token = await (manager.force_refresh() if force else manager.access_token())
         except NotLoggedIn as exc:
-            _say(err, f"{exc}; run: {login_hint(settings, manager.pair)}")
+            _say(err, f"{exc}; run: {login_hint(settings, before)}")
             return 1
         except RefreshTransient as exc:
             pair = manager.pair

@@ -309,7 +309,7 @@ class TokenManager:
             self._pair = None
             if snapshot.problem is not None:
                 if snapshot.problem != self._problem:
-                    log.error("%s; treating as logged out", snapshot.problem)
+                    log.warning("%s; treating as logged out", snapshot.problem)
                 self._problem = snapshot.problem
             elif self._problem != DEAD_REASON:
                 self._problem = NOT_LOGGED_IN
@@ -340,10 +340,14 @@ class TokenManager:
 
     @contextlib.asynccontextmanager
     async def _file_lock(self) -> AsyncIterator[None]:
+        """Hold ``<store>.lock``; a lock that cannot be taken is a transient failure."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(None, self.store.acquire_lock)
         try:
             fd = await asyncio.shield(future)
+        except StoreError as exc:
+            self._record_transient(str(exc))
+            raise RefreshTransient(str(exc), self._backoff_until - self._clock()) from None
         except asyncio.CancelledError:
             # The thread may still get the lock later: release it when it does.
             future.add_done_callback(

@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import glob
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,9 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 # A desktop-app store is a few hundred bytes; anything this big is not ours.
 MAX_STORE_BYTES = 1024 * 1024
+# A temp file this old belongs to no live writer: writes take milliseconds,
+# and a refresh holding one open is bounded by the token endpoint timeouts.
+STALE_TEMP_SECONDS = 3600.0
 _KNOWN = ("accessToken", "refreshToken", "apiUrl", "expiresAt", "obtainedAt")
 
 # (inode, mtime_ns, size): every atomic replace changes the inode.
@@ -235,7 +240,22 @@ class TokenStore:
     def begin_write(self) -> PendingWrite:
         """Open the temp file for the next write; StoreError if that is impossible."""
         self.ensure_directory()
+        self._sweep_stale_temp_files()
         return PendingWrite(self.path)
+
+    def _sweep_stale_temp_files(self) -> None:
+        """Remove temp files left by a process killed mid-refresh (they hold no token)."""
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        try:
+            candidates = list(self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"))
+        except OSError:
+            return
+        for candidate in candidates:
+            try:
+                if candidate.stat().st_mtime < cutoff:
+                    candidate.unlink()
+            except OSError:
+                pass
 
     def write(self, pair: TokenPair) -> None:
         """Atomically replace the store with ``pair`` (mode 0600)."""
