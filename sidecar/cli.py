@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--access-ttl", type=float, default=86400.0, help="access token lifetime, seconds")
     mock.add_argument("--refresh-ttl", type=float, default=7 * 86400.0, help="refresh token lifetime, seconds")
     mock.add_argument("--prefix", default="", help="path prefix of the API, e.g. /cloud")
+    mock.add_argument("--known-refresh-token", action="append", default=[], metavar="TOKEN", help="accept this refresh token as a login (for container examples)")
 
     demo = commands.add_parser("demo", parents=[config], help="mock cloud + login + proxy with short-lived tokens")
     demo.add_argument("--access-ttl", type=float, default=30.0, help="access token lifetime, seconds")
@@ -147,7 +148,7 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         def ready(url: str) -> None:
             print(f"mock cloud listening on {url}", file=sys.stderr, flush=True)
 
-        _run_until_signal(run_mock_cloud(host=args.host, port=args.port, access_ttl=args.access_ttl, refresh_ttl=args.refresh_ttl, prefix=args.prefix, ready=ready))
+        _run_until_signal(run_mock_cloud(host=args.host, port=args.port, access_ttl=args.access_ttl, refresh_ttl=args.refresh_ttl, prefix=args.prefix, known_refresh_tokens=tuple(args.known_refresh_token), ready=ready))
         return EXIT_OK
     if name == "serve":
         from sidecar.serve import serve_command

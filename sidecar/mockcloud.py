@@ -15,7 +15,6 @@ every other module can use it as their upstream without import cycles.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -36,7 +35,7 @@ import orjson
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-__all__ = ["MockCloud", "main", "run_mock_cloud"]
+__all__ = ["MockCloud", "run_mock_cloud"]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +222,10 @@ class MockCloud:
             "refreshToken": refresh,
             "accessTokenExpiresAt": _iso(expires_at),
         }
+
+    def register_refresh_token(self, token: str) -> None:
+        """Accept ``token`` as the refresh token of a new login (seeding containers in examples)."""
+        self._refresh[token] = _Grant(_Family(next(self._families)), self.clock() + self.refresh_ttl)
 
     def _new_access(self, family: _Family, ttl: float | None = None) -> tuple[str, float]:
         """Mint an access token in ``family``; return it with its expiry."""
@@ -771,10 +774,13 @@ async def run_mock_cloud(
     access_ttl: float = DEFAULT_ACCESS_TTL,
     refresh_ttl: float = DEFAULT_REFRESH_TTL,
     prefix: str = "",
+    known_refresh_tokens: tuple[str, ...] = (),
     ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve a MockCloud until cancelled; call ``ready(base_url)`` once listening."""
     cloud = MockCloud(access_ttl=access_ttl, refresh_ttl=refresh_ttl, prefix=prefix)
+    for token in known_refresh_tokens:
+        cloud.register_refresh_token(token)
     base_url = await cloud.start(host, port)
     try:
         if ready is not None:
@@ -783,31 +789,3 @@ async def run_mock_cloud(
     finally:
         await cloud.stop()
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sidecar.mockcloud``: serve until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m sidecar.mockcloud", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8788)
-    parser.add_argument("--access-ttl", type=float, default=DEFAULT_ACCESS_TTL)
-    parser.add_argument("--refresh-ttl", type=float, default=DEFAULT_REFRESH_TTL)
-    parser.add_argument("--prefix", default="")
-    args = parser.parse_args(argv)
-    try:
-        asyncio.run(
-            run_mock_cloud(
-                host=args.host,
-                port=args.port,
-                access_ttl=args.access_ttl,
-                refresh_ttl=args.refresh_ttl,
-                prefix=args.prefix,
-                ready=lambda url: print(f"mock cloud on {url}", flush=True),
-            )
-        )
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
