@@ -39,12 +39,12 @@ sidecar demo is running.
   token store: {store}  (temporary, removed on exit)
 
 Try, in another terminal:
-  curl -s {proxy_url}/api/v1/auth/whoami
-  curl -s {proxy_url}/api/v1/echo?hello=world
-  curl -s {proxy_url}/_sidecar/status        # watch "refreshes" count up every ~{access_ttl / 2:g} s
-  curl -s -X POST {cloud_url}/_mock/revoke-refresh -o /dev/null; \\
-  curl -s -X POST {cloud_url}/_mock/revoke-access -o /dev/null; \\
-  curl -s -i {proxy_url}/api/v1/echo          # the refresh token is dead: 511 with a re-login hint
+  curl -s '{proxy_url}/api/v1/auth/whoami'
+  curl -s '{proxy_url}/api/v1/echo?hello=world'
+  curl -s '{proxy_url}/_sidecar/status'        # watch "refreshes" count up every ~{access_ttl / 2:g} s
+  curl -s -X POST '{cloud_url}/_mock/revoke-refresh' -o /dev/null; \\
+  curl -s -X POST '{cloud_url}/_mock/revoke-access' -o /dev/null; \\
+  curl -s -i '{proxy_url}/api/v1/echo'          # the refresh token is dead: 511 with a re-login hint
 
 Press Ctrl-C to stop.
 """

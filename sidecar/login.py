@@ -62,11 +62,11 @@ async def callback_flow(upstream: str, *, timeout: float, announce: Announce, cl
         query = request.query
         if outcome.done():
             return _page(410, "Already done", "This login has finished; return to the terminal.")
-        if not secrets.compare_digest(query.get("state", ""), state):
+        if not secrets.compare_digest(query.get("state", "").encode(), state.encode()):
             outcome.set_exception(LoginError("login failed: the callback's state does not match (a stale or forged login link); run sidecar login again"))
             return _page(400, "Login failed", "The state does not match this login. Run sidecar login again.")
         if "error" in query:
-            code = query["error"][:64]
+            code = error_code(query["error"])
             outcome.set_exception(LoginError(f"login failed: the cloud answered error={code}"))
             return _page(400, "Login failed", f"The cloud answered: {code}. Return to the terminal.")
         try:
@@ -136,8 +136,8 @@ async def poll_flow(
                 upstream,
                 clock(),
             )
-        error = document.get("error")
-        suffix = f" ({error[:64]})" if isinstance(error, str) else ""
+        error = error_code(document.get("error"))
+        suffix = f" ({error})" if error != "unknown" else ""
         raise LoginError(f"login failed: the cloud answered HTTP {status}{suffix}")
 
 
@@ -150,7 +150,16 @@ def _json_object(body: bytes) -> Mapping[str, Any]:
 
 
 def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
+    if seconds >= 60:
+        return f"{seconds / 60:g} minute{'' if seconds == 60 else 's'}"
+    return f"{seconds:g} second{'' if seconds == 1 else 's'}"
+
+
+def error_code(value: object) -> str:
+    """A cloud's error code fit for one line of output: short, [A-Za-z0-9_.-] only."""
+    if isinstance(value, str) and 0 < len(value) <= 64 and all(ch.isascii() and (ch.isalnum() or ch in "_.-") for ch in value):
+        return value
+    return "unknown"
 
 
 def _graphical_browser_likely() -> bool:
