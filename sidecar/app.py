@@ -43,6 +43,7 @@ class Sidecar:
     session: aiohttp.ClientSession
     metrics: Metrics
     server: web.Server
+    proxy: Proxy
 
 
 def client_session(settings: Settings) -> aiohttp.ClientSession:
@@ -86,7 +87,7 @@ async def running_sidecar(
     server = web.Server(proxy.handle, handler_cancellation=True, auto_decompress=False, access_log=None)
     background = asyncio.get_running_loop().create_task(manager.run_proactive()) if proactive else None
     try:
-        yield Sidecar(settings, manager, session, metrics, server)
+        yield Sidecar(settings, manager, session, metrics, server, proxy)
     finally:
         if background is not None:
             background.cancel()

@@ -72,21 +72,44 @@ class Proxy:
         self._allowed_hosts = tuple(host.lower() for host in settings.allowed_hosts)
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout)
         self._upstream_cache: tuple[str, str, str] | None = None
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- entry point --------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         outcome = Outcome()
+        self.in_flight += 1
+        self._idle.clear()
         try:
             response = await self._dispatch(request, outcome)
         except _ClientGone:
             outcome.status = outcome.status or 499
             outcome.error = "client-gone"
             raise asyncio.CancelledError() from None
+        except asyncio.CancelledError:
+            # The client hung up, or shutdown cut the request off.
+            outcome.status = outcome.status or 499
+            outcome.error = outcome.error or "cancelled"
+            raise
         finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
             self._record(request, outcome, time.perf_counter() - started)
         return response
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for requests in flight to finish; True if they did."""
+        if timeout <= 0:
+            return not self.in_flight
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def _dispatch(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         refusal = self._refusal(request)

@@ -115,6 +115,19 @@ async def open_site(runner: web.BaseRunner, address: ListenAddress, *, reuse_por
     return str(dataclasses.replace(address, port=port))
 
 
+# After the drain, what is still running gets this long to react to cancellation.
+_CUT_OFF_SECONDS = 0.05
+
+
+async def _drain(runner: web.BaseRunner, sidecar: Sidecar, timeout: float) -> None:
+    """Stop accepting, close idle keep-alive connections, wait for requests in flight."""
+    for site in list(runner.sites):
+        await site.stop()
+    sidecar.server.pre_shutdown()
+    if not await sidecar.proxy.drained(timeout):
+        log.warning("%d request(s) still in flight after %g s; cutting them off", sidecar.proxy.in_flight, timeout)
+
+
 async def serve(settings: Settings, address: ListenAddress, *, ready: Callable[[str, Sidecar], None] | None = None, reuse_port: bool = False) -> None:
     """Run the proxy until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
@@ -122,7 +135,9 @@ async def serve(settings: Settings, address: ListenAddress, *, ready: Callable[[
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with running_sidecar(settings) as sidecar:
-        runner = web.ServerRunner(sidecar.server, handle_signals=False, shutdown_timeout=settings.shutdown_timeout)
+        # The drain is ours (see _drain): aiohttp's own would wait twice the
+        # timeout and treats 0 as "forever".
+        runner = web.ServerRunner(sidecar.server, handle_signals=False, shutdown_timeout=_CUT_OFF_SECONDS)
         await runner.setup()
         try:
             url = await open_site(runner, address, reuse_port=reuse_port)
@@ -132,9 +147,13 @@ async def serve(settings: Settings, address: ListenAddress, *, ready: Callable[[
             if ready is not None:
                 ready(url, sidecar)
             await stop.wait()
-            log.info("shutting down; waiting up to %.0f s for requests in flight", settings.shutdown_timeout)
+            log.info("shutting down; waiting up to %g s for requests in flight", settings.shutdown_timeout)
+            await _drain(runner, sidecar, settings.shutdown_timeout)
         finally:
             await runner.cleanup()
+        if address.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(address.unix_path)
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(signum)
 
@@ -172,8 +191,11 @@ def install_uvloop() -> bool:
 
 def serve_command(settings: Settings, env: Mapping[str, str]) -> int:
     address = parse_listen(settings.listen, settings.allow_remote)
-    seed_from_env(settings, env)
-    install_uvloop()
+    # Until the loop installs its handlers, SIGTERM must still mean "exit 0",
+    # e.g. while seeding waits for another process's store lock.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
+        seed_from_env(settings, env)
+        install_uvloop()
         asyncio.run(serve(settings, address))
     return 0

@@ -1,0 +1,642 @@
+"""``sidecar serve`` as a real subprocess: listening, signals, bad config, seeding, the store, logs.
+
+The mock cloud serves from this test's event loop while the child runs, so
+every child is started with ``asyncio.create_subprocess_exec`` and never
+waited on synchronously. The cloud's clock is frozen at real time when the
+fixture is made and is never advanced here: the child uses the real clock.
+Readiness is polled on ``/_sidecar/health``; nothing sleeps a fixed time
+hoping the child is ready. Stderr is a pipe, so the child logs JSON lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import SIDECAR, clean_env, pair_from_cloud, seed_store
+
+from sidecar.mockcloud import MockCloud
+from sidecar.store import TokenStore
+from sidecar.tokens import TokenPair
+
+# Generous for a cold interpreter on a loaded CI box; a hang still fails fast.
+TIMEOUT = 20.0
+# How long a starting serve may take to answer /_sidecar/health.
+READY_TIMEOUT = 10.0
+# SPEC §3: a running serve notices other processes' store changes "within a
+# few seconds"; it checks once a second, so five leaves room for a slow box.
+NOTICE_TIMEOUT = 5.0
+# Between polls of something a child is about to do: short, since each poll is cheap.
+POLL_INTERVAL = 0.05
+# Long enough that SIGTERM lands well inside the request, short enough to keep the suite quick.
+SLOW_SECONDS = 1.5
+# A request that would outlive any drain; the cloud wakes it when the test ends.
+ENDLESS_SECONDS = 60
+# shutdown_timeout for the drain-time test, and what process teardown may add
+# to it (observed ~0.05 s; the bug doubles the drain, which is far above this).
+DRAIN_TIMEOUT = 2.0
+TEARDOWN_ALLOWANCE = 1.0
+# Longest a drain test waits for the child to exit after SIGTERM.
+DRAIN_BOUND = 6.0
+# Requests per serve in the two-process test: enough to pile up on one refresh.
+CONCURRENT = 20
+ACCESS_LOG_KEYS = {"ts", "method", "path", "status", "upstream_status", "duration_ms", "retried", "refreshed"}
+ECHO = "/api/v1/echo"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    """What one short-lived sidecar process did."""
+
+    code: int
+    out: str
+    err: str
+
+
+class Served:
+    """A running ``sidecar serve`` child, its captured output, and how to reach it."""
+
+    def __init__(self, process: asyncio.subprocess.Process, base_url: str, unix_path: str | None) -> None:
+        self.process = process
+        self.base_url = base_url
+        self.unix_path = unix_path
+        self._out = bytearray()
+        self._err = bytearray()
+        assert process.stdout is not None and process.stderr is not None
+        # Drained all the time, so a chatty child never blocks on a full pipe.
+        self._readers = [
+            asyncio.ensure_future(_drain(process.stdout, self._out)),
+            asyncio.ensure_future(_drain(process.stderr, self._err)),
+        ]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def stdout(self) -> str:
+        return self._out.decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self._err.decode(errors="replace")
+
+    def session(self, **options: Any) -> aiohttp.ClientSession:
+        """A client session that reaches this serve (over its unix socket if it has one)."""
+        connector = aiohttp.UnixConnector(path=self.unix_path) if self.unix_path else aiohttp.TCPConnector()
+        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=TIMEOUT), **options)
+
+    async def wait_ready(self) -> None:
+        """Poll /_sidecar/health until it answers 200; fail if the child dies or takes too long."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        async with self.session() as session:
+            while True:
+                if self.process.returncode is not None:
+                    await self.finish()
+                    pytest.fail(f"serve exited {self.process.returncode} before it was ready:\n{self.stderr}")
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with session.get(self.base_url + "/_sidecar/health") as response:
+                        if response.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    pytest.fail(f"serve did not answer /_sidecar/health within {READY_TIMEOUT} s:\n{self.stderr}")
+                await asyncio.sleep(POLL_INTERVAL)
+
+    async def wait_for_stderr(self, text: str) -> None:
+        """Wait until ``text`` shows up on the child's stderr."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while text not in self.stderr:
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve never wrote {text!r} to stderr:\n{self.stderr}")
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def finish(self, timeout: float = TIMEOUT) -> int:
+        """Wait for the child to exit and its output to be read; its exit code."""
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            pytest.fail(f"serve {self.pid} did not exit within {timeout} s:\n{self.stderr}")
+        await asyncio.gather(*self._readers)
+        return code
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Send ``signum`` and wait for the exit code."""
+        self.process.send_signal(signum)
+        return await self.finish()
+
+    async def kill(self) -> None:
+        """Kill the child if it still runs, and stop reading its output."""
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+async def _drain(stream: asyncio.StreamReader, sink: bytearray) -> None:
+    while chunk := await stream.read(65536):
+        sink += chunk
+
+
+async def _spawn(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *SIDECAR, *args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_serve(env: dict[str, str], listen: str, *args: str, ready: bool = True) -> AsyncIterator[Served]:
+    """Start ``sidecar serve --listen LISTEN ARGS``, wait until healthy, and always kill it afterwards."""
+    if listen.startswith("unix:"):
+        base_url, unix_path = "http://localhost", listen[len("unix:"):]
+    else:
+        # Traffic goes to loopback only, even when serve binds 0.0.0.0.
+        base_url, unix_path = f"http://127.0.0.1:{listen.rpartition(':')[2]}", None
+    served = Served(await _spawn(env, "serve", "--listen", listen, *args), base_url, unix_path)
+    try:
+        if ready:
+            await served.wait_ready()
+        yield served
+    finally:
+        await served.kill()
+
+
+async def run_sidecar(env: dict[str, str], *args: str, timeout: float = TIMEOUT) -> Run:
+    """Run ``sidecar ARGS`` to completion; kill it and fail if it outlives ``timeout``."""
+    process = await _spawn(env, *args)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        pytest.fail(f"sidecar {' '.join(args)} did not finish within {timeout} s")
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode())
+
+
+async def poll_until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Await ``condition`` every POLL_INTERVAL until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+def stored(path: Path) -> TokenPair:
+    """The pair in the store file; fails the test if there is none."""
+    snapshot = TokenStore(path).read()
+    assert snapshot.problem is None
+    assert snapshot.pair is not None
+    return snapshot.pair
+
+
+def seed_expired(path: Path, cloud: MockCloud) -> TokenPair:
+    """Write a new login from the cloud, with its access token already expired on disk."""
+    pair = dataclasses.replace(pair_from_cloud(cloud.issue_pair(), cloud.base_url), expires_at=time.time() - 10)
+    TokenStore(path).write(pair)
+    return pair
+
+
+def access_lines(stderr: str) -> list[dict[str, Any]]:
+    """The access-log records among the child's JSON log lines."""
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    return [record for record in records if "method" in record]
+
+
+def seed_env(env: dict[str, str], cloud: MockCloud, refresh_token: str) -> dict[str, str]:
+    """``env`` plus the variables a container would carry on its first start."""
+    return {**env, "SIDECAR_REFRESH_TOKEN": refresh_token, "SIDECAR_UPSTREAM": cloud.base_url}
+
+
+async def status_of(served: Served, session: aiohttp.ClientSession) -> int:
+    """The status of one GET of the echo endpoint through ``served``."""
+    async with session.get(served.base_url + ECHO) as response:
+        await response.read()
+        return response.status
+
+
+def assert_one_line_failure(run: Run, code: int) -> None:
+    """Exit ``code`` with exactly one line on stderr and no traceback."""
+    assert run.code == code, run
+    assert "Traceback" not in run.err, run.err
+    assert len(run.err.strip().splitlines()) == 1, run.err
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A child environment without SIDECAR_* and with an empty XDG config home."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    return clean_env(XDG_CONFIG_HOME=str(xdg))
+
+
+@pytest.fixture
+def listen(unused_tcp_port: int) -> str:
+    """A free loopback ``HOST:PORT`` for ``--listen``."""
+    return f"127.0.0.1:{unused_tcp_port}"
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory under /tmp: unix socket paths must fit in 108 bytes."""
+    directory = tempfile.mkdtemp(prefix="sidecar-", dir="/tmp")
+    try:
+        yield Path(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- SIGTERM / SIGINT -------------------------------------------------------
+
+
+SIGNALS = pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+
+
+async def _slow_request_in_flight(served: Served, cloud: MockCloud, session: aiohttp.ClientSession) -> asyncio.Task[tuple[int, bytes]]:
+    """Start a slow request through the proxy and return once the cloud is handling it."""
+
+    async def slow() -> tuple[int, bytes]:
+        async with session.get(f"{served.base_url}/api/v1/slow?seconds={SLOW_SECONDS}") as response:
+            return response.status, await response.read()
+
+    seen = cloud.requests_seen
+    task = asyncio.ensure_future(slow())
+
+    async def arrived() -> bool:
+        if task.done():
+            pytest.fail(f"the slow request finished early: {task.result()}")
+        return cloud.requests_seen > seen
+
+    await poll_until(arrived, READY_TIMEOUT, "the slow request reaching the cloud")
+    return task
+
+
+@SIGNALS
+async def test_in_flight_request_completes_after_signal(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
+    """A request in flight when the signal arrives still gets its 200 and full body."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
+        async with served.session() as session:
+            slow = await _slow_request_in_flight(served, cloud, session)
+            served.process.send_signal(signum)
+            status, body = await asyncio.wait_for(slow, TIMEOUT)
+    assert status == 200
+    assert json.loads(body) == {"slept": SLOW_SECONDS}
+
+
+@SIGNALS
+async def test_serve_exits_0_after_signal_with_request_in_flight(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
+    """SIGTERM or SIGINT with a request in flight ends serve with exit code 0 once the request is done."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
+        async with served.session() as session:
+            slow = await _slow_request_in_flight(served, cloud, session)
+            code = await served.stop(signum)
+            status, _ = await asyncio.wait_for(slow, TIMEOUT)
+    assert code == 0, served.stderr
+    assert status == 200
+
+
+@SIGNALS
+async def test_new_connections_refused_after_signal(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
+    """While serve drains after a signal, a new connection is refused and nothing more is forwarded."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
+        async with served.session() as session:
+            slow = await _slow_request_in_flight(served, cloud, session)
+            forwarded = cloud.requests_seen
+            served.process.send_signal(signum)
+            await served.wait_for_stderr("shutting down")
+            # A fresh session: a pooled keep-alive connection would not be a new connection.
+            async with served.session() as late:
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    async with late.get(served.base_url + ECHO) as response:
+                        pytest.fail(f"a connection made after the signal was served: {response.status}")
+            assert not slow.done(), "the refusal must happen while the old request is still in flight"
+            await slow
+    assert cloud.requests_seen == forwarded
+
+
+async def _drain_time_after_sigterm(served: Served, cloud: MockCloud) -> tuple[int | None, float]:
+    """SIGTERM a serve whose only request takes far longer than any drain; exit code (None: still running) and seconds to exit."""
+    async with served.session() as session:
+
+        async def endless() -> None:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{served.base_url}/api/v1/slow?seconds={ENDLESS_SECONDS}") as response:
+                    await response.read()
+
+        seen = cloud.requests_seen
+        task = asyncio.ensure_future(endless())
+        try:
+
+            async def arrived() -> bool:
+                return cloud.requests_seen > seen
+
+            await poll_until(arrived, READY_TIMEOUT, "the endless request reaching the cloud")
+            started = time.monotonic()
+            served.process.send_signal(signal.SIGTERM)
+            try:
+                code = await asyncio.wait_for(served.process.wait(), DRAIN_BOUND)
+            except TimeoutError:
+                return None, DRAIN_BOUND
+            return code, time.monotonic() - started
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_request_outlasting_shutdown_timeout_is_cut_and_serve_exits_0(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """A request longer than shutdown_timeout does not keep serve alive: it still exits 0, well before the request would end."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", "0.5") as served:
+        code, seconds = await _drain_time_after_sigterm(served, cloud)
+    assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
+
+
+async def test_drain_after_sigterm_takes_at_most_shutdown_timeout(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """After SIGTERM, serve exits within shutdown_timeout (plus process teardown), not twice that."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", str(DRAIN_TIMEOUT)) as served:
+        code, seconds = await _drain_time_after_sigterm(served, cloud)
+    assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
+    assert seconds < DRAIN_TIMEOUT + TEARDOWN_ALLOWANCE, f"exited {seconds:.2f} s after SIGTERM with shutdown_timeout {DRAIN_TIMEOUT}"
+
+
+async def test_shutdown_timeout_zero_exits_without_waiting(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """With shutdown_timeout 0, SIGTERM ends serve promptly instead of waiting for in-flight requests."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", "0") as served:
+        code, seconds = await _drain_time_after_sigterm(served, cloud)
+    assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
+    assert seconds < TEARDOWN_ALLOWANCE
+
+
+def _blocked_on_flock(pid: int) -> bool:
+    """Whether ``pid`` is waiting for an flock (a ``->`` line in /proc/locks)."""
+    with open("/proc/locks") as locks:
+        return any("->" in line and "FLOCK" in line and str(pid) in line.split() for line in locks)
+
+
+async def test_sigterm_during_startup_exits_0(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """SIGTERM while serve is still starting (waiting for the store lock to seed) ends it with exit 0."""
+    store = TokenStore(store_path)
+    held = store.acquire_lock()  # another process refreshing: serve's seeding must wait for it
+    try:
+        seeded = seed_env(env, cloud, cloud.issue_pair()["refreshToken"])
+        async with running_serve(seeded, listen, "--store", str(store_path), ready=False) as served:
+
+            async def waiting_for_lock() -> bool:
+                return _blocked_on_flock(served.pid)
+
+            await poll_until(waiting_for_lock, READY_TIMEOUT, "serve blocking on the store lock")
+            code = await served.stop()
+    finally:
+        TokenStore.release_lock(held)
+    assert code == 0, served.stderr
+
+
+# -- listening --------------------------------------------------------------
+
+
+async def test_unix_socket_is_mode_0600(cloud: MockCloud, store_path: Path, env: dict[str, str], socket_dir: Path) -> None:
+    """``--listen unix:PATH`` creates a socket only its owner can connect to."""
+    seed_store(store_path, cloud)
+    path = socket_dir / "s.sock"
+    async with running_serve(env, f"unix:{path}", "--store", str(store_path), "--upstream", cloud.base_url):
+        info = os.stat(path)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+
+
+async def test_unix_socket_forwards_with_bearer_token(cloud: MockCloud, store_path: Path, env: dict[str, str], socket_dir: Path) -> None:
+    """A request over the unix socket reaches the upstream with the stored bearer token."""
+    pair = seed_store(store_path, cloud)
+    async with running_serve(env, f"unix:{socket_dir / 's.sock'}", "--store", str(store_path), "--upstream", cloud.base_url) as served:
+        async with served.session() as session:
+            async with session.get(served.base_url + ECHO, headers={"Host": "localhost"}) as response:
+                assert response.status == 200
+                echoed = await response.json()
+    assert echoed["authorization"] == f"Bearer {pair.access_token}"
+
+
+async def test_non_loopback_listen_without_allow_remote_exits_2(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int) -> None:
+    """Listening on 0.0.0.0 without --allow-remote is refused with one line that names --allow-remote."""
+    run = await run_sidecar(env, "serve", "--listen", f"0.0.0.0:{unused_tcp_port}", "--store", str(store_path), "--upstream", cloud.base_url)
+    assert_one_line_failure(run, 2)
+    assert "--allow-remote" in run.err
+
+
+async def test_non_loopback_listen_with_allow_remote_starts(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int) -> None:
+    """With --allow-remote, serve listens on 0.0.0.0 (checked over 127.0.0.1 only)."""
+    async with running_serve(env, f"0.0.0.0:{unused_tcp_port}", "--allow-remote", "--store", str(store_path), "--upstream", cloud.base_url) as served:
+        assert served.process.returncode is None
+        code = await served.stop()
+    assert code == 0
+
+
+# -- bad configuration ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "key"),
+    [("leeway-flag", "leeway"), ("relogin-status-env", "relogin_status"), ("unknown-toml-key", "bogus_key"), ("listen-nonsense", "listen")],
+)
+async def test_bad_config_exits_2_with_one_line_naming_the_key(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, tmp_path: Path, case: str, key: str) -> None:
+    """Each kind of bad configuration stops serve with exit 2 and one stderr line naming the key."""
+    args = ["serve", "--listen", listen, "--store", str(store_path), "--upstream", cloud.base_url]
+    if case == "leeway-flag":
+        args += ["--leeway", "abc"]
+    elif case == "relogin-status-env":
+        env = {**env, "SIDECAR_RELOGIN_STATUS": "99"}
+    elif case == "unknown-toml-key":
+        config = tmp_path / "sidecar.toml"
+        config.write_text('bogus_key = "x"\n')
+        args += ["--config", str(config)]
+    else:
+        args += ["--listen", "nonsense"]
+    run = await run_sidecar(env, *args)
+    assert_one_line_failure(run, 2)
+    assert key in run.err.lower(), run.err
+
+
+# -- seeding from the environment -------------------------------------------
+
+
+async def test_serve_seeds_empty_store_from_environment(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """On an empty store, serve writes SIDECAR_REFRESH_TOKEN into the store before it serves."""
+    seed = cloud.issue_pair()["refreshToken"]
+    # Hold the first refresh (serve's proactive one) so the seeded pair can be
+    # seen before it rotates; killing serve at the end lets go of it.
+    cloud.hang_next_refreshes(1, seconds=ENDLESS_SECONDS)
+    async with running_serve(seed_env(env, cloud, seed), listen, "--store", str(store_path)):
+        pair = stored(store_path)
+    assert pair.refresh_token == seed
+    assert pair.api_url == cloud.base_url
+
+
+async def test_seeded_token_is_refreshed_and_used(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """The seeded refresh token is spent once, and the first request through serve succeeds with the result."""
+    seed = cloud.issue_pair()["refreshToken"]
+    async with running_serve(seed_env(env, cloud, seed), listen, "--store", str(store_path)) as served:
+        async with served.session() as session:
+            async with session.get(served.base_url + ECHO) as response:
+                assert response.status == 200
+                echoed = await response.json()
+    assert cloud.refresh_calls == 1
+    rotated = stored(store_path)
+    assert rotated.refresh_token != seed
+    assert echoed["authorization"] == f"Bearer {rotated.access_token}"
+
+
+async def test_two_serves_seeding_at_once_spend_the_token_once(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port_factory: Callable[[], int]) -> None:
+    """Two serves started together on an empty store with the same SIDECAR_REFRESH_TOKEN seed once and refresh once."""
+    seeded = seed_env(env, cloud, cloud.issue_pair()["refreshToken"])
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [
+            await stack.enter_async_context(running_serve(seeded, f"127.0.0.1:{unused_tcp_port_factory()}", "--store", str(store_path), ready=False))
+            for _ in range(2)
+        ]
+        await asyncio.gather(*(served.wait_ready() for served in servers))
+
+        async def one(served: Served) -> int:
+            async with served.session() as session:
+                return await status_of(served, session)
+
+        statuses = await asyncio.gather(*(one(served) for served in servers))
+    assert statuses == [200, 200]
+    assert cloud.refresh_calls == 1
+    assert cloud.chain_revocations == 0
+
+
+async def test_second_start_keeps_store_over_spent_environment_token(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """A restart with the same (now spent) SIDECAR_REFRESH_TOKEN keeps the rotated store and revokes nothing."""
+    container_env = seed_env(env, cloud, cloud.issue_pair()["refreshToken"])
+    async with running_serve(container_env, listen, "--store", str(store_path)) as served:
+        async with served.session() as session:
+            async with session.get(served.base_url + ECHO) as response:
+                assert response.status == 200
+        assert await served.stop() == 0
+    rotated = stored(store_path).refresh_token
+    async with running_serve(container_env, listen, "--store", str(store_path)) as served:
+        async with served.session() as session:
+            async with session.get(served.base_url + ECHO) as response:
+                assert response.status == 200
+        assert stored(store_path).refresh_token == rotated
+    assert cloud.chain_revocations == 0
+
+
+# -- following the store ----------------------------------------------------
+
+
+async def test_running_serve_notices_logout(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """After ``sidecar logout`` in another process, requests get 511 within a few seconds."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
+        async with served.session() as session:
+            assert await status_of(served, session) == 200
+            assert (await run_sidecar(env, "logout", "--store", str(store_path))).code == 0
+
+            async def relogin_required() -> bool:
+                return await status_of(served, session) == 511
+
+            await poll_until(relogin_required, NOTICE_TIMEOUT, "a 511 after logout")
+
+
+async def test_running_serve_uses_import_after_logout(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """After logout, ``sidecar import`` in another process makes requests succeed again without a restart."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
+        async with served.session() as session:
+            assert (await run_sidecar(env, "logout", "--store", str(store_path))).code == 0
+
+            async def relogin_required() -> bool:
+                return await status_of(served, session) == 511
+
+            await poll_until(relogin_required, NOTICE_TIMEOUT, "a 511 after logout")
+            fresh = cloud.issue_pair()["refreshToken"]
+            run = await run_sidecar(env, "import", "--refresh-token", fresh, "--upstream", cloud.base_url, "--store", str(store_path))
+            assert run.code == 0, run
+
+            async def forwarded() -> bool:
+                return await status_of(served, session) == 200
+
+            await poll_until(forwarded, NOTICE_TIMEOUT, "a 200 after import")
+        assert served.process.returncode is None
+
+
+# -- logs -------------------------------------------------------------------
+
+
+async def test_each_request_logs_one_json_line_with_spec_keys(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """Every proxied request writes exactly one JSON access line with the SPEC §4 keys and no query."""
+    seed_store(store_path, cloud)
+    paths = [ECHO + "/one", ECHO + "/two", "/api/v1/status/404"]
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
+        async with served.session() as session:
+            for path in paths:
+                async with session.get(served.base_url + path + "?q=1") as response:
+                    await response.read()
+        assert await served.stop() == 0
+    lines = access_lines(served.stderr)
+    for path in paths:
+        mine = [line for line in lines if line["path"] == path]
+        assert len(mine) == 1, (path, lines)
+        assert ACCESS_LOG_KEYS <= mine[0].keys()
+    assert [line["status"] for line in lines if line["path"] in paths] == [200, 200, 404]
+
+
+async def test_logs_never_show_query_cookie_authorization_or_tokens(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+    """A request with a secret query, a cookie and an Authorization header leaves none of them, nor any token, on stderr."""
+    old = seed_expired(store_path, cloud)  # so the request also refreshes: two token pairs in play
+    headers = {"Cookie": "session=cookie-value-5e1f", "Authorization": "Bearer client-credential-9a7c"}
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--log-level", "debug") as served:
+        async with served.session() as session:
+            async with session.get(served.base_url + ECHO + "?secret=abc", headers=headers) as response:
+                assert response.status == 200
+        assert await served.stop() == 0
+    new = stored(store_path)
+    assert cloud.refresh_ok == 1  # so the two pairs below are every token the cloud issued
+    output = served.stderr + served.stdout
+    assert access_lines(served.stderr), "the request was not logged at all"
+    for secret in ("secret", "abc", "cookie-value-5e1f", "client-credential-9a7c", old.access_token, old.refresh_token, new.access_token, new.refresh_token):
+        assert secret and secret not in output, secret
+
+
+# -- several processes ------------------------------------------------------
+
+
+async def test_two_serves_on_one_expired_store_refresh_once(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port_factory: Callable[[], int]) -> None:
+    """Two serves sharing an expired store, 20 concurrent requests each: one refresh, no revocation, 40 successes."""
+    seed_expired(store_path, cloud)
+    common = ("--store", str(store_path), "--upstream", cloud.base_url)
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(running_serve(env, f"127.0.0.1:{unused_tcp_port_factory()}", *common, ready=False))
+        second = await stack.enter_async_context(running_serve(env, f"127.0.0.1:{unused_tcp_port_factory()}", *common, ready=False))
+        await asyncio.gather(first.wait_ready(), second.wait_ready())
+
+        async def burst(served: Served) -> list[int]:
+            async with served.session() as session:
+                return list(await asyncio.gather(*(status_of(served, session) for _ in range(CONCURRENT))))
+
+        statuses = await asyncio.gather(burst(first), burst(second))
+    assert statuses == [[200] * CONCURRENT, [200] * CONCURRENT]
+    assert cloud.refresh_calls == 1
+    assert cloud.chain_revocations == 0
