@@ -34,6 +34,23 @@ log = logging.getLogger("sidecar.app")
 READ_BUFSIZE = 256 * 1024
 
 
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class VerbatimRequest(aiohttp.ClientRequest):
+    """A client request that adds no ``Content-Length: 0`` to a body-less POST/DELETE.
+
+    aiohttp adds one for methods that usually carry a body; a proxy must send
+    the client's framing as it came (none at all, here).
+    """
+
+    def update_body_from_data(self, body: object, *args: object, **kwargs: object) -> None:
+        if body is None:
+            self._body = None
+            return
+        super().update_body_from_data(body, *args, **kwargs)  # type: ignore[arg-type]
+
+
 @dataclasses.dataclass(slots=True)
 class Sidecar:
     """The running parts of one proxy."""
@@ -51,6 +68,9 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
     return aiohttp.ClientSession(
         connector=connector,
+        # aiohttp adds these unless told not to; the client's own pass as sent.
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        request_class=VerbatimRequest,
         cookie_jar=aiohttp.DummyCookieJar(),  # never replay one client's cookies to another
         auto_decompress=False,
         read_bufsize=READ_BUFSIZE,

@@ -60,12 +60,17 @@ def host_name(host_header: str) -> str:
     return host[:colon] if colon >= 0 else host
 
 
+_HOST_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]")
+
+
 def host_allowed(host_header: str | None, allowed_hosts: Iterable[str]) -> bool:
     """True when the Host header names one of ``allowed_hosts`` (any port).
 
-    ``*`` in ``allowed_hosts`` allows any host (for container networks).
+    ``*`` in ``allowed_hosts`` allows any host (for container networks).  A
+    Host with characters no host name has (``@``, ``/``...) never passes:
+    it would end up in rewritten ``Location`` headers.
     """
-    if not host_header:
+    if not host_header or not _HOST_CHARACTERS.issuperset(host_header):
         return False
     name = host_name(host_header)
     for allowed in allowed_hosts:

@@ -28,7 +28,7 @@ def status_document(manager: TokenManager, settings: Settings, now: float) -> di
     next_refresh = manager.next_refresh_at()
     return {
         "loggedIn": pair is not None,
-        "apiUrl": settings.upstream or (pair.api_url if pair else None),
+        "apiUrl": settings.upstream or manager.api_url,
         "expiresAt": format_timestamp(expires_at) if expires_at is not None else None,
         "secondsToExpiry": round(expires_at - now, 1) if expires_at is not None else None,
         "refreshes": {"ok": stats.ok, "dead": stats.dead, "transient": stats.transient},

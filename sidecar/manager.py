@@ -94,6 +94,7 @@ class TokenManager:
         self._sleep = sleep
         self._observer = observer
         self._pair: TokenPair | None = None
+        self._last_api_url: str | None = None
         self._problem: str | None = None
         self._signature: Signature | None = None
         self._checked_at = float("-inf")
@@ -109,6 +110,11 @@ class TokenManager:
         """The pair in memory (callers must not print its tokens)."""
         self._check_store()
         return self._pair
+
+    @property
+    def api_url(self) -> str | None:
+        """The apiUrl of the current pair, or of the last one (for re-login hints)."""
+        return self._pair.api_url if self._pair is not None and self._pair.api_url else self._last_api_url
 
     @property
     def problem(self) -> str | None:
@@ -320,6 +326,7 @@ class TokenManager:
             self._failures = 0
             self._backoff_until = 0.0
         self._pair = snapshot.pair
+        self._last_api_url = snapshot.pair.api_url or self._last_api_url
         self._problem = None
 
     def _check_store(self, always: bool = False) -> None:

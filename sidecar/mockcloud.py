@@ -746,6 +746,8 @@ class MockCloud:
             # A client that hangs up cancels its handler: a hung refresh then
             # never spends a token behind the back of a caller that gave up.
             handler_cancellation=True,
+            # Echo and upload hash the bytes on the wire, compressed or not.
+            auto_decompress=False,
         )
         await runner.setup()
         site = web.TCPSite(runner, host, port)

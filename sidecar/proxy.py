@@ -26,8 +26,6 @@ from sidecar.headers import request_headers, response_headers, websocket_headers
 from sidecar.manager import TokenManager
 
 LOCAL_PREFIX = "/_sidecar/"
-# aiohttp adds these unless told not to; the client's own are passed as sent.
-_SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 _WS_HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")
 _READ_CHUNK = 256 * 1024
 _NO_CONTENT = frozenset({204, 304})
@@ -222,7 +220,6 @@ class Proxy:
                     data=body,
                     chunked=chunked or None,
                     allow_redirects=False,
-                    skip_auto_headers=_SKIP_AUTO_HEADERS,
                     timeout=self._timeout,
                     compress=None,
                 )
@@ -325,7 +322,6 @@ class Proxy:
                     autoping=False,
                     max_msg_size=0,
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self._settings.read_timeout),
-                    skip_auto_headers=_SKIP_AUTO_HEADERS,
                 )
             except aiohttp.WSServerHandshakeError as exc:
                 outcome.upstream_status = exc.status
@@ -362,10 +358,7 @@ class Proxy:
         return response
 
     def _relogin(self, outcome: Outcome) -> web.Response:
-        upstream = self._settings.upstream
-        if not upstream:
-            pair = self._manager.pair
-            upstream = pair.api_url if pair else None
+        upstream = self._settings.upstream or self._manager.api_url
         hint = f"sidecar login --upstream {upstream or '<API>'}"
         reason = self._manager.problem or "not logged in"
         return self._problem(

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, urlencode
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
+from sidecar import __version__
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
 from sidecar.tokens import TokenPair, pair_from_grant
 
+_HEADERS = {"Accept": "application/json", "User-Agent": f"sidecar/{__version__}"}
 # Statuses that mean "this refresh token will never work again" (SPEC §1).
 _ALWAYS_DEAD = frozenset({401, 403})
 _DEAD_WITH_INVALID_GRANT = frozenset({400, 401, 403})
@@ -98,7 +100,7 @@ class RelayRefresher(HttpRefresher):
         url = upstream.rstrip("/") + "/" + self._settings.refresh_path.lstrip("/")
         return url, {
             "data": orjson.dumps({"refreshToken": pair.refresh_token}),
-            "headers": {"Content-Type": "application/json", "Accept": "application/json"},
+            "headers": {"Content-Type": "application/json", **_HEADERS},
         }
 
 
@@ -114,14 +116,14 @@ class OAuth2Refresher(HttpRefresher):
         if not settings.token_url:
             raise ConfigError("token_url: required when flavor is oauth2")
         form = {"grant_type": "refresh_token", "refresh_token": pair.refresh_token}
-        options: dict[str, Any] = {"headers": {"Accept": "application/json"}}
+        options: dict[str, Any] = {"headers": {"Content-Type": "application/x-www-form-urlencoded", **_HEADERS}}
         if settings.client_id and settings.client_secret:
             options["headers"]["Authorization"] = basic_credentials(settings.client_id, settings.client_secret)
         elif settings.client_id:
             form["client_id"] = settings.client_id
         if settings.scope:
             form["scope"] = settings.scope
-        options["data"] = form
+        options["data"] = urlencode(form).encode("ascii")
         return settings.token_url, options
 
 

@@ -196,6 +196,28 @@ def serve_command(settings: Settings, env: Mapping[str, str]) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         seed_from_env(settings, env)
+        if settings.workers > 1:
+            return _serve_workers(settings, address)
         install_uvloop()
         asyncio.run(serve(settings, address))
     return 0
+
+
+def _serve_workers(settings: Settings, address: ListenAddress) -> int:
+    from sidecar.workers import reserve_port, run_workers
+
+    address, holder = reserve_port(address)
+
+    def worker() -> int:
+        if holder is not None:
+            holder.close()
+        install_uvloop()
+        asyncio.run(serve(settings, address, reuse_port=True))
+        return 0
+
+    log.info("starting %d workers on %s", settings.workers, address)
+    try:
+        return run_workers(settings.workers, worker)
+    finally:
+        if holder is not None:
+            holder.close()

@@ -1,0 +1,93 @@
+"""``serve --workers N``: N processes accepting on one port (SO_REUSEPORT), sharing the store.
+
+The parent forks the workers before any event loop exists, forwards SIGTERM
+and SIGINT to them, restarts one that dies unexpectedly, and exits 0 once all
+have stopped.  Each worker has its own token manager; the store lock and the
+re-read under it keep refreshes to one call per expiry across all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Callable
+
+from sidecar.errors import ConfigError
+from sidecar.serve import ListenAddress
+
+log = logging.getLogger("sidecar.workers")
+
+# A worker that dies sooner than this after starting is not restarted at once.
+RESTART_DELAY = 1.0
+
+
+def reserve_port(address: ListenAddress) -> tuple[ListenAddress, socket.socket | None]:
+    """Pin port 0 to one real port all workers can share; the socket holds it meanwhile."""
+    if address.unix_path is not None:
+        raise ConfigError("workers: more than one worker needs a TCP listen address (HOST:PORT)")
+    if address.port:
+        return address, None
+    family = socket.AF_INET6 if address.host and ":" in address.host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((address.host, 0))
+    port = holder.getsockname()[1]
+    return ListenAddress(host=address.host, port=port), holder
+
+
+def run_workers(count: int, worker: Callable[[], int]) -> int:
+    """Fork ``count`` workers running ``worker()`` and supervise them until a signal."""
+    stopping = False
+    children: dict[int, float] = {}
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            code = 1
+            try:
+                code = worker()
+            except KeyboardInterrupt:
+                code = 0
+            finally:
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    for _ in range(count):
+        spawn()
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            worst = max(worst, code if code > 0 else 0)
+            continue
+        log.error("worker %d exited with %d; starting another", pid, code)
+        if time.monotonic() - started < RESTART_DELAY:
+            time.sleep(RESTART_DELAY)
+        if not stopping:
+            spawn()
+    return worst
