@@ -38,14 +38,33 @@ def reserve_port(address: ListenAddress) -> tuple[ListenAddress, socket.socket |
     return ListenAddress(host=address.host, port=port), holder
 
 
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGTERM this worker when the parent dies (even by SIGKILL).
+
+    Elsewhere the parent's own signal handling is all there is.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
 def run_workers(count: int, worker: Callable[[], int]) -> int:
     """Fork ``count`` workers running ``worker()`` and supervise them until a signal."""
     stopping = False
     children: dict[int, float] = {}
 
     def spawn() -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
+            _die_with_parent(parent)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             code = 1
