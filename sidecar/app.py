@@ -109,6 +109,7 @@ async def running_sidecar(
     try:
         yield Sidecar(settings, manager, session, metrics, server, proxy)
     finally:
+        proxy.close()
         if background is not None:
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -116,6 +116,13 @@ def _parse_str(key: str, value: object) -> str:
     return value
 
 
+def _parse_url(key: str, value: object) -> str:
+    text = _parse_str(key, value).strip()
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1].split("/", 1)[0]) == 0:
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {_describe(value)}")
+    return text
+
+
 def _parse_list(key: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(item.strip() for item in value.split(",") if item.strip())
@@ -158,13 +165,13 @@ def _describe(value: object) -> str:
 
 
 _PARSERS: dict[str, Callable[[str, object], Any]] = {
-    "upstream": _parse_str,
+    "upstream": _parse_url,
     "listen": _parse_str,
     "allow_remote": _parse_bool,
     "store": _parse_str,
     "flavor": _choice(FLAVORS),
     "refresh_path": _parse_str,
-    "token_url": _parse_str,
+    "token_url": _parse_url,
     "client_id": _parse_str,
     "client_secret": _parse_str,
     "scope": _parse_str,

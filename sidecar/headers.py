@@ -1,8 +1,13 @@
-"""Which headers cross the proxy, computed once (SPEC §4, RFC 9110 §7.6.1)."""
+"""Which headers cross the proxy, computed once (SPEC §4, RFC 9110 §7.6.1).
+
+The hot path works on raw ``(name, value)`` byte pairs as the parsers give
+them: no case-insensitive dict is built for a request that only needs its
+headers copied minus a few.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -25,37 +30,61 @@ HOP_BY_HOP = frozenset(
 # Dropped from requests as well: Host is the upstream's, Authorization is
 # ours, and Expect: 100-continue was answered by the sidecar itself.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "expect"}
-_RESPONSE_DROP = HOP_BY_HOP
+_REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
+_RESPONSE_DROP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return tokens
+def _connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b",") if token.strip())
+    return frozenset(tokens)
 
 
-def _filter(headers: CIMultiDictProxy[str], drop: frozenset[str] | set[str]) -> CIMultiDict[str]:
-    if "Connection" in headers:
-        drop = drop | _connection_tokens(headers)
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
+def _has_connection_header(raw: RawHeaders) -> bool:
+    for name, _ in raw:
+        if len(name) == 10 and name.lower() == b"connection":
+            return True
+    return False
 
 
-def request_headers(headers: CIMultiDictProxy[str], authorization: str) -> CIMultiDict[str]:
-    """The headers to send upstream: the client's, minus hop-by-hop, with our Authorization."""
-    out = _filter(headers, _REQUEST_DROP)
-    out["Authorization"] = authorization
-    return out
+def request_head(method: str, target: bytes, host: bytes, raw: RawHeaders, authorization: bytes, chunked: bool) -> bytes:
+    """The upstream request's line and headers: the client's minus hop-by-hop, our Host and Authorization."""
+    drop = _REQUEST_DROP_BYTES
+    if _has_connection_header(raw):
+        drop = drop | _connection_tokens(raw)
+    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    append = parts.append
+    for name, value in raw:
+        if name.lower() not in drop:
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+    if chunked:
+        append(b"Transfer-Encoding: chunked\r\n")
+    append(b"Authorization: ")
+    append(authorization)
+    append(b"\r\n\r\n")
+    return b"".join(parts)
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's response headers minus hop-by-hop ones."""
-    return _filter(headers, _RESPONSE_DROP)
+def response_headers(raw: RawHeaders) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop ones, for aiohttp's response."""
+    drop = _RESPONSE_DROP_BYTES
+    if _has_connection_header(raw):
+        drop = drop | _connection_tokens(raw)
+    return CIMultiDict((name.decode("latin-1"), value.decode("latin-1")) for name, value in raw if name.lower() not in drop)
 
 
 def websocket_headers(headers: CIMultiDictProxy[str], authorization: str, skip: Iterable[str]) -> CIMultiDict[str]:
     """Headers for the upstream WebSocket handshake; aiohttp writes the handshake ones."""
-    out = request_headers(headers, authorization)
-    for name in skip:
-        out.popall(name, None)
+    skipped = {name.lower() for name in skip}
+    raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    drop = _REQUEST_DROP_BYTES | _connection_tokens(raw)
+    out = CIMultiDict((name, value) for name, value in headers.items() if name.lower().encode("latin-1") not in drop and name.lower() not in skipped)
+    out["Authorization"] = authorization
     return out

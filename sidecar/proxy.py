@@ -22,8 +22,9 @@ from sidecar import problems
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.guards import host_allowed, origin_allowed, path_escapes, split_target
-from sidecar.headers import request_headers, response_headers, websocket_headers
+from sidecar.headers import request_head, response_headers, websocket_headers
 from sidecar.manager import TokenManager
+from sidecar.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 
 LOCAL_PREFIX = "/_sidecar/"
 _WS_HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")
@@ -41,6 +42,31 @@ class Outcome:
     retried: bool = False
     refreshed: bool = False
     error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Upstream:
+    """The configured upstream URL, split once: origin, path prefix, pool key."""
+
+    url: str
+    base: str
+    origin: str
+    scheme: str
+    host: str
+    port: int
+    prefix: str
+    prefix_bytes: bytes
+
+    @classmethod
+    def parse(cls, url: str) -> Upstream:
+        parsed = URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ConfigError(f"upstream: expected an http:// or https:// URL, got {url!r}")
+        base = url.rstrip("/")
+        origin = str(parsed.origin())
+        prefix = base[len(origin):] if base.startswith(origin) else parsed.raw_path.rstrip("/")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        return cls(url, base, origin, parsed.scheme, parsed.host, port, prefix, prefix.encode("ascii", "strict") if prefix.isascii() else prefix.encode())
 
 
 class _ClientGone(Exception):
@@ -69,7 +95,8 @@ class Proxy:
         self._record = record
         self._allowed_hosts = tuple(host.lower() for host in settings.allowed_hosts)
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout)
-        self._upstream_cache: tuple[str, str, str] | None = None
+        self._upstream_cache: Upstream | None = None
+        self._pools: dict[str, UpstreamPool] = {}
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -124,13 +151,12 @@ class Proxy:
         if path_escapes(path):
             return self._problem(outcome, problems.BAD_TARGET, "The path has a dot-segment or an encoded one; it could leave the upstream's prefix.")
         try:
-            base = self._upstream_base()
+            upstream = self._upstream()
         except ConfigError:
             return self._relogin(outcome)
-        url = base + path + query
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._websocket(request, url, outcome)
-        return await self._forward(request, url, outcome)
+            return await self._websocket(request, upstream.base + path + query, outcome)
+        return await self._forward(request, upstream, path + query, outcome)
 
     def _refusal(self, request: web.BaseRequest) -> web.Response | None:
         """A problem response for requests that must not go anywhere, else None."""
@@ -148,29 +174,32 @@ class Proxy:
 
     # -- upstream -----------------------------------------------------------
 
-    def _upstream_base(self) -> str:
-        """The upstream URL without a trailing slash (settings, else the store's apiUrl)."""
-        upstream = self._settings.upstream
-        if not upstream:
-            pair = self._manager.pair
-            upstream = pair.api_url if pair is not None else None
-        if not upstream:
+    def _upstream(self) -> Upstream:
+        """The upstream (settings, else the store's apiUrl), parsed once per value."""
+        url = self._settings.upstream or self._manager.api_url
+        if not url:
             raise ConfigError("upstream: not configured and not in the token store")
         cached = self._upstream_cache
-        if cached is None or cached[0] != upstream:
-            parsed = URL(upstream)
-            origin = str(parsed.origin())
-            cached = (upstream, upstream.rstrip("/"), origin)
+        if cached is None or cached.url != url:
+            cached = Upstream.parse(url)
             self._upstream_cache = cached
-        return cached[1]
+        return cached
 
-    def _rewrite_location(self, location: str, request: web.BaseRequest) -> str:
+    def _pool(self, upstream: Upstream) -> UpstreamPool:
+        pool = self._pools.get(upstream.origin)
+        if pool is None:
+            pool = UpstreamPool(upstream.scheme, upstream.host, upstream.port, connect_timeout=self._settings.connect_timeout, read_timeout=self._settings.read_timeout)
+            self._pools[upstream.origin] = pool
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    def _rewrite_location(self, location: str, request: web.BaseRequest, upstream: Upstream) -> str:
         """Point a redirect inside the upstream at the sidecar instead."""
-        cached = self._upstream_cache
-        if cached is None:
-            return location
-        _, base, origin = cached
-        prefix = base[len(origin):]
+        base, prefix = upstream.base, upstream.prefix
         if location.startswith(base + "/") or location == base:
             rest = location[len(base):] or "/"
         elif location.startswith("/") and not location.startswith("//") and prefix and (location.startswith(prefix + "/") or location == prefix):
@@ -201,47 +230,40 @@ class Proxy:
         except RefreshTransient as exc:
             return self._problem(outcome, problems.REFRESH_UNAVAILABLE, "The upstream rejected the token and refreshing it is failing; retry later.", retry_after=exc.retry_after)
 
-    async def _forward(self, request: web.BaseRequest, url: str, outcome: Outcome) -> web.StreamResponse:
+    async def _forward(self, request: web.BaseRequest, upstream: Upstream, target: str, outcome: Outcome) -> web.StreamResponse:
         token = await self._token(outcome)
         if isinstance(token, web.Response):
             return token
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body, chunked, replayable = await self._request_body(request)
-        target = URL(url, encoded=True)
+        pool = self._pool(upstream)
+        target_bytes = upstream.prefix_bytes + target.encode("utf-8", "surrogateescape")
+        head_only = request.method == "HEAD"
         while True:
-            headers = request_headers(request.headers, "Bearer " + token)
+            head = request_head(request.method, target_bytes, pool.host_header, request.raw_headers, b"Bearer " + token.encode("latin-1"), chunked)
             sent = time.perf_counter()
             try:
-                upstream = await self._session.request(
-                    request.method,
-                    target,
-                    headers=headers,
-                    data=body,
-                    chunked=chunked or None,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                    compress=None,
-                )
-            except asyncio.TimeoutError:
+                response = await pool.send(head, body, chunked=chunked, head_only=head_only)
+            except UpstreamTimeout:
                 return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer in time.")
-            except aiohttp.ClientError as exc:
-                return self._problem(outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached ({type(exc).__name__}).")
-            outcome.upstream_status = upstream.status
+            except UpstreamUnreachable as exc:
+                return self._problem(outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached: {exc}.")
+            outcome.upstream_status = response.status
             outcome.upstream_seconds = time.perf_counter() - sent
-            if upstream.status != 401 or outcome.retried:
+            if response.status != 401 or outcome.retried:
                 break
             if not replayable:
                 # The body is gone: refresh for the next request, pass the 401 on.
                 await self._token_after_401(token, outcome)
-                return await self._relay(request, upstream, outcome, {"X-Sidecar-Retry": "not-replayable"})
-            upstream.release()
+                return await self._relay(request, response, upstream, outcome, not_replayable=True)
+            response.release()
             fresh = await self._token_after_401(token, outcome)
             if isinstance(fresh, web.Response):
                 return fresh
             token = fresh
             outcome.retried = True
-        return await self._relay(request, upstream, outcome, None)
+        return await self._relay(request, response, upstream, outcome, not_replayable=False)
 
     async def _request_body(self, request: web.BaseRequest) -> tuple[bytes | AsyncIterator[bytes] | None, bool, bool]:
         """``(body, chunked, replayable)`` keeping the client's framing.
@@ -262,47 +284,48 @@ class Proxy:
             return prefix, True, True
         return _stream(prefix, request.content), True, False
 
-    async def _relay(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, outcome: Outcome, extra: dict[str, str] | None) -> web.StreamResponse:
-        """Stream the upstream's response to the client."""
+    async def _relay(self, request: web.BaseRequest, upstream_response: UpstreamResponse, upstream: Upstream, outcome: Outcome, *, not_replayable: bool) -> web.StreamResponse:
+        """Send the upstream's response to the client, streaming its body."""
         try:
-            headers = response_headers(upstream.headers)
+            headers = response_headers(upstream_response.headers)
             location = headers.get("Location")
             if location is not None:
-                headers["Location"] = self._rewrite_location(location, request)
-            if extra:
-                headers.update(extra)
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-            outcome.status = upstream.status
-            if "Content-Length" not in headers and upstream.status not in _NO_CONTENT and request.method != "HEAD" and request.version >= aiohttp.HttpVersion11:
+                headers["Location"] = self._rewrite_location(location, request, upstream)
+            if not_replayable:
+                headers["X-Sidecar-Retry"] = "not-replayable"
+            status = upstream_response.status
+            reason = upstream_response.reason.decode("latin-1") or None
+            outcome.status = status
+            timeout = self._settings.read_timeout or None
+            if upstream_response.complete and "Content-Length" in headers:
+                # The whole answer is here: one write to the client.
+                response = web.Response(status=status, reason=reason, headers=headers, body=upstream_response.take_buffered())
+                upstream_response.release()
+                return response
+            response = web.StreamResponse(status=status, reason=reason, headers=headers)
+            if "Content-Length" not in headers and status not in _NO_CONTENT and request.method != "HEAD" and request.version >= aiohttp.HttpVersion11:
                 response.enable_chunked_encoding()
             try:
                 await response.prepare(request)
-            except (ConnectionError, aiohttp.ClientConnectionResetError):
-                raise _ClientGone() from None
-            content = upstream.content
-            try:
                 while True:
-                    chunk = await content.readany()
+                    try:
+                        chunk = await upstream_response.read(timeout)
+                    except UpstreamError as exc:
+                        # Mid-body failure: cut the client's connection so a
+                        # truncated body can never look complete.
+                        outcome.error = type(exc).__name__
+                        if request.transport is not None:
+                            request.transport.close()
+                        return response
                     if not chunk:
                         break
-                    try:
-                        await response.write(chunk)
-                    except (ConnectionError, aiohttp.ClientConnectionResetError):
-                        raise _ClientGone() from None
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                # Mid-body failure: cut the client's connection so a truncated
-                # body can never look complete.
-                outcome.error = type(exc).__name__
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            try:
+                    await response.write(chunk)
                 await response.write_eof()
-            except (ConnectionError, aiohttp.ClientConnectionResetError):
+            except ConnectionError:
                 raise _ClientGone() from None
             return response
         finally:
-            upstream.close() if not upstream.content.is_eof() else upstream.release()
+            upstream_response.release()
 
     # -- websocket ----------------------------------------------------------
 

@@ -132,7 +132,6 @@ async def test_empty_query_reaches_echo_as_empty(proxy: RunningProxy) -> None:
     assert (reply.json()["path"], reply.json()["raw_query"]) == ("/api/v1/echo", "")
 
 
-@pytest.mark.xfail(reason="known limitation: yarl normalises '/x?' to '/x' and aiohttp sends the URL's raw_path_qs; documented in README", strict=True)
 async def test_empty_query_keeps_its_question_mark(recorded_proxy: RunningProxy, recorder: RecordingUpstream) -> None:
     """A request target ending in a bare ? reaches the upstream with the ? (byte for byte)."""
     reply = await raw_request(recorded_proxy.url, raw_get(recorded_proxy, "/x?"))

@@ -1,0 +1,1141 @@
+#!/usr/bin/env python3
+"""Loopback benchmark of ``sidecar serve`` against nginx and a minimal aiohttp proxy.
+
+    python tests/perf/bench.py [--quick] [--duration S] [--runs N] [--json FILE]
+
+Starts, in a temp dir: a mock cloud (``python -m sidecar mock-cloud``); an
+upstream nginx serving ``/small`` (100 B), ``/big`` (1 MiB), ``/huge`` (sparse
+1 GiB) and proxying the refresh and upload endpoints to the mock cloud; the
+sidecar under test (``python -m sidecar serve``, i.e. whatever sidecar is
+installed); a reference nginx proxy; and ``minimal_proxy.py``. Then drives
+them with wrk (client pinned to CPU 0, servers to CPU 1 when possible) and
+prints tables, the issue's targets with PASS/FAIL, a refresh burst, 1 GiB
+streaming both ways and ``--workers 2`` vs 1.
+
+Exit status: 0 when the benchmark ran (whatever the PASS/FAIL lines say),
+1 on an error (missing tool, a server that does not start, a broken check).
+
+Not a pytest module: nothing runs on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+MINIMAL_PROXY = HERE / "minimal_proxy.py"
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+LEEWAY = 120.0  # sidecar's default leeway; passed explicitly to the burst sidecar
+SMALL_BODY = ("sidecar-bench small body " + "." * 100)[:99] + "!"  # exactly 100 bytes
+assert len(SMALL_BODY) == 100
+
+TARGETS = ["direct", "sidecar", "nginx-proxy", "minimal-aiohttp"]
+CASES = [
+    # key, path, connections, title
+    ("small_1c", "/small", 1, "small body (100 B), 1 connection"),
+    ("small_64c", "/small", 64, "small body (100 B), 64 connections"),
+    ("big_8c", "/big", 8, "1 MiB body, 8 connections"),
+]
+
+
+class BenchError(Exception):
+    """A failure that makes the benchmark meaningless: reported on one line, exit 1."""
+
+
+# --------------------------------------------------------------------------
+# small helpers
+
+
+def fmt_us(us: float | None) -> str:
+    if us is None:
+        return "-"
+    if us < 1000:
+        return f"{us:.0f}us"
+    if us < 1_000_000:
+        return f"{us / 1000:.2f}ms"
+    return f"{us / 1_000_000:.2f}s"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def iso(epoch: float) -> str:
+    moment = dt.datetime.fromtimestamp(epoch, tz=dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+_used_ports: set[int] = set()
+
+
+def free_port() -> int:
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _used_ports:
+            _used_ports.add(port)
+            return port
+    raise BenchError("could not find a free port on 127.0.0.1")
+
+
+def http_request(
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------
+# /proc
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    return data[data.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (scan of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids``, in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+class RssSampler:
+    """Samples the summed VmRSS of some pids every 20 ms in a thread."""
+
+    def __init__(self, pids: list[int], interval: float = 0.02) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.start_kib = rss_kib(pids)
+        self.peak_kib = self.start_kib
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, rss_kib(self.pids))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, rss_kib(self.pids))
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+class Server:
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path, port: int) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+        self.port = port
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tree(self) -> list[int]:
+        return [self.pid, *descendants(self.pid)]
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in lines[-n:])
+
+
+class Processes:
+    """Every process the benchmark starts; ``stop_all`` ends them (and only them)."""
+
+    def __init__(self, workdir: Path, server_cpus: str | None, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.server_cpus = server_cpus
+        self.env = env
+        self.servers: list[Server] = []
+
+    def start(self, name: str, argv: list[str], port: int) -> Server:
+        if self.server_cpus is not None:
+            argv = ["taskset", "-c", self.server_cpus, *argv]
+        log = self.workdir / "logs" / f"{name}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=self.env,
+            )
+        server = Server(name, proc, log, port)
+        self.servers.append(server)
+        return server
+
+    def wait_ready(
+        self,
+        server: Server,
+        path: str,
+        *,
+        expect: int = 200,
+        timeout: float = 30.0,
+        consecutive: int = 1,
+    ) -> float:
+        """Poll ``path`` until it answers ``expect`` (``consecutive`` times in a row); return seconds waited."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        streak = 0
+        last = "no answer"
+        while True:
+            rc = server.proc.poll()
+            if rc is not None:
+                raise BenchError(f"{server.name} exited with status {rc} while starting; log:\n{server.log_tail()}")
+            try:
+                status, _ = http_request(server.port, path, timeout=2.0)
+                last = f"HTTP {status}"
+                streak = streak + 1 if status == expect else 0
+            except OSError as exc:
+                last = str(exc)
+                streak = 0
+            if streak >= consecutive:
+                return time.monotonic() - t0
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{server.name} not ready after {timeout:.0f} s (GET {path}: {last}); log:\n{server.log_tail()}"
+                )
+            time.sleep(0.02)
+
+    def stop(self, server: Server) -> None:
+        if server not in self.servers:
+            return
+        self.servers.remove(server)
+        proc = server.proc
+        if proc.poll() is not None:
+            return
+        kids = []
+        for pid in descendants(proc.pid):
+            try:
+                kids.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes()))
+            except OSError:
+                pass
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        # Children of ours that outlived their parent (same pid, same command line).
+        for pid, cmdline in kids:
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+    def stop_all(self) -> None:
+        for server in reversed(list(self.servers)):
+            try:
+                self.stop(server)
+            except Exception as exc:  # keep stopping the rest
+                print(f"bench: warning: stopping {server.name}: {exc}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------
+# wrk
+
+_UNITS_US = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0, "m": 60_000_000.0, "h": 3_600_000_000.0}
+
+
+def _to_us(value: str, unit: str) -> float:
+    return float(value) * _UNITS_US[unit]
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not m:
+        raise BenchError(f"cannot parse wrk output:\n{text}")
+    out["rps"] = float(m.group(1))
+    m = re.search(r"^\s+Latency\s+([\d.]+)(us|ms|s|m)\s+([\d.]+)(us|ms|s|m)\s+([\d.]+)(us|ms|s|m)", text, re.M)
+    if m:
+        out["avg_us"] = _to_us(m.group(1), m.group(2))
+        out["max_us"] = _to_us(m.group(5), m.group(6))
+    for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M):
+        out[f"p{pct}_us"] = _to_us(value, unit)
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", text)
+    out["requests"] = int(m.group(1)) if m else None
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    non2xx = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    sock = sum(int(g) for g in m.groups()) if m else 0
+    out["non2xx"] = non2xx
+    out["socket_errors"] = sock
+    out["errors"] = non2xx + sock
+    return out
+
+
+class Wrk:
+    def __init__(self, wrk: str, client_cpus: str | None) -> None:
+        self.wrk = wrk
+        self.prefix = ["taskset", "-c", client_cpus] if client_cpus is not None else []
+
+    def run(self, port: int, path: str, conns: int, duration: int) -> dict[str, Any]:
+        argv = [
+            *self.prefix, self.wrk, "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "10s", "--latency",
+            f"http://127.0.0.1:{port}{path}",
+        ]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"wrk did not finish: {' '.join(argv)}") from None
+        if done.returncode != 0:
+            raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        return parse_wrk(done.stdout)
+
+    def measured(self, port: int, path: str, conns: int, duration: int, cpu_pids: list[int] | None) -> dict[str, Any]:
+        """One wrk run; with ``cpu_pids``, also the CPU those processes spent per request."""
+        before = cpu_seconds(cpu_pids) if cpu_pids else None
+        t0 = time.time()
+        result = self.run(port, path, conns, duration)
+        result["wall_start"] = t0
+        result["wall_end"] = time.time()
+        if cpu_pids:
+            spent = cpu_seconds(cpu_pids) - before
+            result["cpu_s"] = spent
+            reqs = result.get("requests") or 0
+            result["cpu_us_per_req"] = spent * 1e6 / reqs if reqs else None
+        else:
+            result["cpu_us_per_req"] = None
+        return result
+
+
+# --------------------------------------------------------------------------
+# configuration files
+
+
+def _user_directive() -> str:
+    if os.geteuid() != 0:
+        return ""
+    import grp
+    import pwd
+
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
+
+
+def _nginx_common(prefix: Path) -> str:
+    for sub in ("logs", "tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    return f"""
+worker_processes 1;
+{_user_directive()}
+pid {prefix}/logs/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+"""
+
+
+def _nginx_http_common(prefix: Path) -> str:
+    return f"""
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    default_type application/octet-stream;
+    keepalive_timeout 75s;
+    keepalive_requests 100000000;
+    tcp_nodelay on;
+"""
+
+
+def upstream_nginx_conf(prefix: Path, www: Path, port: int, mock_port: int) -> Path:
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        _nginx_common(prefix)
+        + f"""
+http {{
+{_nginx_http_common(prefix)}
+    sendfile on;
+    tcp_nopush on;
+    upstream mockcloud {{
+        server 127.0.0.1:{mock_port};
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
+        location = /big {{ }}
+        location = /huge {{ }}
+        location = /api/v1/auth/token/refresh {{
+            proxy_pass http://mockcloud;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+        location = /api/v1/upload {{
+            client_max_body_size 0;
+            proxy_request_buffering off;
+            proxy_pass http://mockcloud;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_send_timeout 300s;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def proxy_nginx_conf(prefix: Path, port: int, upstream_port: int) -> Path:
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        _nginx_common(prefix)
+        + f"""
+http {{
+{_nginx_http_common(prefix)}
+    upstream origin {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer x";
+        }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+# --------------------------------------------------------------------------
+# environment
+
+
+def find_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/usr/local/bin"):
+        p = Path(d) / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+def cpu_plan() -> tuple[str | None, str | None, str]:
+    """(client cpus, server cpus, description) for taskset, or Nones when not pinning."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not shutil.which("taskset") or len(cpus) < 2:
+        return None, None, "not pinned (needs taskset and >= 2 CPUs)"
+    client = str(cpus[0])
+    servers = cpus[1:3] if len(cpus) >= 4 else cpus[1:2]
+    server_s = ",".join(map(str, servers))
+    return client, server_s, f"wrk/curl on CPU {client}, every server process on CPU {server_s}"
+
+
+def _version_of(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return "not installed"
+
+
+def _cmd_output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"? ({exc})"
+    return (done.stdout + done.stderr).strip()
+
+
+def background_load(seconds: float = 1.0) -> dict[str, float]:
+    """Busy share of each CPU over ``seconds`` before the benchmark starts (other work on the box)."""
+
+    def snap() -> dict[str, tuple[int, int]]:
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, *vals = line.split()
+                v = [int(x) for x in vals]
+                idle = v[3] + (v[4] if len(v) > 4 else 0)
+                out[name] = (sum(v[:8]), idle)
+        return out
+
+    try:
+        a = snap()
+        time.sleep(seconds)
+        b = snap()
+    except OSError:
+        return {}
+    load = {}
+    for name in a:
+        total = b[name][0] - a[name][0]
+        idle = b[name][1] - a[name][1]
+        load[name] = round(100.0 * (total - idle) / total, 1) if total else 0.0
+    return load
+
+
+def header_info(nginx: str, wrk: str, plan_desc: str, minimal_loop: str, usable_cpus: int) -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    git = _cmd_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _cmd_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "sidecar"])
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "usable_cpus": usable_cpus,
+        "python": platform.python_version(),
+        "aiohttp": _version_of("aiohttp"),
+        "uvloop": _version_of("uvloop"),
+        "nginx": _cmd_output([nginx, "-v"]).replace("nginx version: ", ""),
+        "wrk": _cmd_output([wrk, "-v"]).splitlines()[0].split(" Copyright")[0],
+        "sidecar": _cmd_output([sys.executable, "-m", "sidecar", "--version"])
+        + f" (git {git}{', sidecar/ modified' if dirty else ''})",
+        "pinning": plan_desc,
+        "minimal_proxy_loop": minimal_loop,
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        "busy_percent_before_start": background_load(),
+    }
+
+
+# --------------------------------------------------------------------------
+# the benchmark
+
+
+class Bench:
+    def __init__(
+        self, args: argparse.Namespace, workdir: Path, nginx: str, wrk: str, curl: str,
+        plan: tuple[str | None, str | None, str], usable_cpus: int,
+    ) -> None:
+        self.args = args
+        self.duration: int = args.duration
+        self.runs: int = args.runs
+        self.warmup = 1
+        self.workdir = workdir
+        self.nginx = nginx
+        self.curl = curl
+        self.client_cpus, self.server_cpus, self.plan_desc = plan
+        self.usable_cpus = usable_cpus
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        env["XDG_CONFIG_HOME"] = str(workdir / "xdg-config")  # no user sidecar.toml
+        env["PYTHONUNBUFFERED"] = "1"
+        self.env = env
+        self.procs = Processes(workdir, self.server_cpus, env)
+        self.wrk_path = wrk
+        self.wrk = Wrk(wrk, self.client_cpus)
+        self.results: dict[str, Any] = {}
+        self.tokens = {name: f"rt_bench_{name}_{os.urandom(8).hex()}" for name in ("seed", "burst", "rtt")}
+
+    def say(self, text: str = "") -> None:
+        print(text, flush=True)
+
+    # -- servers ----------------------------------------------------------
+
+    def start_mock_cloud(self) -> Server:
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "sidecar", "mock-cloud", "--host", "127.0.0.1", "--port", str(port),
+            "--access-ttl", "86400", "--log-level", "warning",
+        ]
+        for token in self.tokens.values():
+            argv += ["--known-refresh-token", token]
+        server = self.procs.start("mock-cloud", argv, port)
+        self.procs.wait_ready(server, "/_mock/stats")
+        return server
+
+    def start_nginx(self, name: str, conf: Path, port: int, ready_path: str) -> Server:
+        prefix = conf.parent
+        argv = [self.nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs" / "error.log"), "-g", "daemon off;"]
+        server = self.procs.start(name, argv, port)
+        self.procs.wait_ready(server, ready_path)
+        return server
+
+    def start_sidecar(self, name: str, store: Path, *extra: str, consecutive: int = 1) -> tuple[Server, float]:
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "sidecar", "serve", "--upstream", self.upstream_url, "--store", str(store),
+            "--listen", f"127.0.0.1:{port}", "--log-level", "warning", *extra,
+        ]
+        server = self.procs.start(name, argv, port)
+        waited = self.procs.wait_ready(server, "/_sidecar/ready", consecutive=consecutive)
+        return server, waited
+
+    def refresh_direct(self, refresh_token: str, conn: http.client.HTTPConnection | None = None) -> dict[str, Any]:
+        own = conn is None
+        if conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.mock.port, timeout=10)
+        try:
+            conn.request(
+                "POST", "/api/v1/auth/token/refresh", body=json.dumps({"refreshToken": refresh_token}),
+                headers={"Content-Type": "application/json"},
+            )
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            if own:
+                conn.close()
+        if resp.status != 200:
+            raise BenchError(f"mock cloud refused a known refresh token: HTTP {resp.status} {body[:200]!r}")
+        return json.loads(body)
+
+    def mock_stats(self) -> dict[str, int]:
+        status, body = http_request(self.mock.port, "/_mock/stats")
+        if status != 200:
+            raise BenchError(f"GET /_mock/stats: HTTP {status}")
+        return json.loads(body)
+
+    def sidecar_status(self, server: Server) -> dict[str, Any]:
+        status, body = http_request(server.port, "/_sidecar/status")
+        if status != 200:
+            raise BenchError(f"{server.name}: GET /_sidecar/status: HTTP {status}")
+        return json.loads(body)
+
+    def setup(self) -> None:
+        w = self.workdir
+        www = w / "www"
+        www.mkdir()
+        (www / "big").write_bytes(os.urandom(MiB))
+        self.huge = www / "huge"
+        with open(self.huge, "wb") as f:
+            f.truncate(GiB)  # sparse: no disk used, served as zeros
+
+        self.mock = self.start_mock_cloud()
+
+        up_port = free_port()
+        conf = upstream_nginx_conf(w / "nginx-upstream", www, up_port, self.mock.port)
+        self.upstream = self.start_nginx("nginx-upstream", conf, up_port, "/small")
+        self.upstream_url = f"http://127.0.0.1:{up_port}"
+
+        # A real pair from the mock cloud (so /api/v1/upload accepts it), valid for a day.
+        pair = self.refresh_direct(self.tokens["seed"])
+        self.store = w / "store-main.json"
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "sidecar", "import", "--store", str(self.store), "--upstream", self.upstream_url,
+                "--access-token", pair["accessToken"], "--refresh-token", pair["refreshToken"],
+                "--expires-at", pair["accessTokenExpiresAt"],
+            ],
+            capture_output=True, text=True, env=self.env, cwd=w, timeout=60,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"sidecar import failed ({done.returncode}): {done.stderr.strip()}")
+
+        self.sidecar, self.sidecar_startup = self.start_sidecar("sidecar", self.store)
+
+        px_port = free_port()
+        conf = proxy_nginx_conf(w / "nginx-proxy", px_port, up_port)
+        self.nginx_proxy = self.start_nginx("nginx-proxy", conf, px_port, "/small")
+
+        mp_port = free_port()
+        self.minimal = self.procs.start(
+            "minimal-aiohttp",
+            [sys.executable, str(MINIMAL_PROXY), "--upstream", self.upstream_url, "--port", str(mp_port)],
+            mp_port,
+        )
+        self.procs.wait_ready(self.minimal, "/small")
+
+        self.targets = {
+            "direct": (self.upstream, None),
+            "sidecar": (self.sidecar, self.sidecar),
+            "nginx-proxy": (self.nginx_proxy, self.nginx_proxy),
+            "minimal-aiohttp": (self.minimal, self.minimal),
+        }
+        # Sanity: every target serves both bodies correctly.
+        for name, (server, _) in self.targets.items():
+            status, body = http_request(server.port, "/small")
+            if status != 200 or body != SMALL_BODY.encode():
+                raise BenchError(f"{name}: GET /small answered {status} with {len(body)} bytes")
+            status, body = http_request(server.port, "/big")
+            if status != 200 or len(body) != MiB:
+                raise BenchError(f"{name}: GET /big answered {status} with {len(body)} bytes")
+
+    # -- main cases -------------------------------------------------------
+
+    def run_cases(self) -> None:
+        cases: dict[str, Any] = {}
+        for key, path, conns, title in CASES:
+            for name, (server, _) in self.targets.items():  # warm-up, not reported
+                self.wrk.run(server.port, path, conns, self.warmup)
+            runs: dict[str, list[dict[str, Any]]] = {t: [] for t in TARGETS}
+            for _ in range(self.runs):  # interleaved, so drift hits every target alike
+                for name in TARGETS:
+                    server, cpu_server = self.targets[name]
+                    cpu_pids = cpu_server.tree() if cpu_server else None
+                    runs[name].append(self.wrk.measured(server.port, path, conns, self.duration, cpu_pids))
+            cases[key] = {"path": path, "connections": conns, "title": title, "runs": runs}
+            self.print_case(key, cases[key])
+        self.results["cases"] = cases
+
+    def print_case(self, key: str, case: dict[str, Any]) -> None:
+        runs = case["runs"]
+        means = {
+            t: {f: mean([r.get(f) for r in runs[t]]) for f in ("rps", "p50_us", "p99_us", "cpu_us_per_req")}
+            for t in TARGETS
+        }
+        # Interference from other work on the box only ever slows a run down, so the
+        # summary is each target's best run (highest req/s); the mean is in the JSON.
+        best = {t: max(runs[t], key=lambda r: r["rps"]) for t in TARGETS}
+        case["means"] = means
+        case["best"] = best
+        one_conn = case["connections"] == 1
+        self.say()
+        self.say(f"== {case['title']} (GET {case['path']}, wrk -t1 -c{case['connections']}, {self.duration} s per run) ==")
+        cols = (
+            f"{'target':<16} {'run':>4} {'req/s':>10} {'p50':>9} {'p99':>9} {'CPU us/req':>10} {'errors':>6} "
+            f"{'x direct':>8} {'x nginx':>8} {'x minimal':>9}"
+        )
+        if one_conn:
+            cols += f" {'+p50 vs direct':>14}"
+        self.say(cols)
+        d_rps, n_rps, m_rps = best["direct"]["rps"], best["nginx-proxy"]["rps"], best["minimal-aiohttp"]["rps"]
+        d_p50 = best["direct"].get("p50_us")
+        for t in TARGETS:
+            rows = [(str(i + 1), r) for i, r in enumerate(runs[t])]
+            rows.append(("best", best[t]))
+            for label, r in rows:
+                rps = r["rps"]
+                x_min = fmt_ratio(rps / m_rps) if t == "sidecar" and m_rps else "-"
+                cpu = r.get("cpu_us_per_req")
+                line = (
+                    f"{t:<16} {label:>4} {rps:>10,.0f} {fmt_us(r.get('p50_us')):>9} {fmt_us(r.get('p99_us')):>9} "
+                    f"{('-' if cpu is None else f'{cpu:.1f}'):>10} {r.get('errors', 0):>6} "
+                    f"{fmt_ratio(rps / d_rps if d_rps else None):>8} {fmt_ratio(rps / n_rps if n_rps else None):>8} {x_min:>9}"
+                )
+                if one_conn:
+                    p50 = r.get("p50_us")
+                    added = p50 - d_p50 if p50 is not None and d_p50 is not None else None
+                    line += f" {('-' if t == 'direct' or added is None else f'{added:+.0f} us'):>14}"
+                self.say(line)
+        self.say(
+            "  ratios: req/s over the best run of direct / nginx-proxy / minimal-aiohttp; "
+            "CPU: the proxy's process(es), utime+stime per request"
+        )
+        errors = {t: sum(r["errors"] for r in runs[t]) for t in TARGETS if any(r["errors"] for r in runs[t])}
+        if errors:
+            self.say(f"  WARNING: non-2xx/3xx or socket errors during runs: {errors}")
+        noisy = {
+            t: round(max(r["rps"] for r in runs[t]) / max(min(r["rps"] for r in runs[t]), 1e-9), 2)
+            for t in TARGETS
+        }
+        noisy = {t: v for t, v in noisy.items() if v > 1.2}
+        case["noisy"] = noisy
+        if noisy:
+            self.say(f"  NOISY: runs of the same target differ by more than 20% (best/worst req/s: {noisy}); other load on the box?")
+
+    def print_targets(self) -> None:
+        cases = self.results["cases"]
+        b64 = cases["small_64c"]["best"]
+        b1 = cases["small_1c"]["best"]
+        bbig = cases["big_8c"]["best"]
+        checks = []
+
+        def check(name: str, value: float | None, op: str, limit: float, shown: str) -> None:
+            ok = value is not None and (value >= limit if op == ">=" else value <= limit)
+            checks.append({"name": name, "value": value, "op": op, "limit": limit, "pass": ok})
+            self.say(f"  {'PASS' if ok else 'FAIL'}  {name}: {shown} ({op} {limit:g})")
+
+        self.say()
+        self.say("== targets from the issue (best run of each target) ==")
+        r = b64["sidecar"]["rps"] / b64["nginx-proxy"]["rps"]
+        check("64 conns small: sidecar req/s / nginx-proxy req/s", r, ">=", 0.25, f"{r:.2f}")
+        r = b64["sidecar"]["rps"] / b64["minimal-aiohttp"]["rps"]
+        check("64 conns small: sidecar req/s / minimal-aiohttp req/s", r, ">=", 1.3, f"{r:.2f}")
+        added = b1["sidecar"]["p50_us"] - b1["direct"]["p50_us"]
+        check("1 conn small: sidecar p50 - direct p50", added, "<=", 100, f"{added:+.0f} us")
+        r = bbig["sidecar"]["rps"] / bbig["nginx-proxy"]["rps"]
+        check("1 MiB 8 conns: sidecar req/s / nginx-proxy req/s", r, ">=", 1.0, f"{r:.2f}")
+        if any(cases[k].get("noisy") for k in cases):
+            self.say("  (some cases were NOISY, see above: treat close calls with care)")
+        self.results["targets"] = checks
+
+    # -- refresh burst ----------------------------------------------------
+
+    def run_burst(self) -> None:
+        self.say()
+        self.say("== refresh burst: the stored token falls due in the middle of a 64-connection run (GET /small) ==")
+        # One refresh round trip, straight to the mock cloud, with a refresh token nobody used yet.
+        rtts = []
+        conn = http.client.HTTPConnection("127.0.0.1", self.mock.port, timeout=10)
+        try:
+            token = self.tokens["rtt"]
+            for _ in range(5):
+                t0 = time.perf_counter()
+                pair = self.refresh_direct(token, conn)
+                rtts.append((time.perf_counter() - t0) * 1e6)
+                token = pair["refreshToken"]  # the rotated one: again fresh
+        finally:
+            conn.close()
+
+        offset = min(1.5, self.duration * 0.4)  # where in the run the refresh should fall
+        lead = self.sidecar_startup * 2 + 2.0  # time to start the sidecar, warm it up and get wrk going
+        now = time.time()
+        due = now + lead + offset  # expiry - leeway: the background refresh fires here
+        store = self.workdir / "store-burst.json"
+        store.write_text(
+            json.dumps(
+                {
+                    "accessToken": "at_bench_burst_not_checked_by_nginx",
+                    "refreshToken": self.tokens["burst"],
+                    "apiUrl": self.upstream_url,
+                    "expiresAt": iso(due + LEEWAY),
+                    "obtainedAt": iso(now - 3600),
+                }
+            )
+        )
+        os.chmod(store, 0o600)
+        server, _ = self.start_sidecar("sidecar-burst", store, "--leeway", f"{LEEWAY:g}")
+        wait = due - offset - time.time()
+        if wait < 0:
+            raise BenchError(f"sidecar-burst took too long to start ({-wait:.1f} s late); rerun with a longer --duration")
+        if wait > 1.5:  # warm-up when there is time
+            self.wrk.run(server.port, "/small", 64, 1)
+        time.sleep(max(0.0, due - offset - time.time()))  # start wrk `offset` seconds before the refresh is due
+        before = self.mock_stats()["refresh_calls"]
+        burst = self.wrk.measured(server.port, "/small", 64, self.duration, server.tree())
+        during = self.mock_stats()["refresh_calls"] - before
+        status = self.sidecar_status(server)
+        last = status.get("lastRefreshAt")
+        at = parse_iso(last) - burst["wall_start"] if last else None
+        before = self.mock_stats()["refresh_calls"]
+        calm = self.wrk.measured(server.port, "/small", 64, self.duration, server.tree())
+        after_calm = self.mock_stats()["refresh_calls"] - before
+        self.procs.stop(server)
+
+        self.say(f"{'run':<22} {'req/s':>10} {'p50':>9} {'p99':>9} {'max':>9} {'errors':>6} {'refresh calls':>13}")
+        for label, r, calls in (("with refresh due", burst, during), ("without expiry", calm, after_calm)):
+            self.say(
+                f"{label:<22} {r['rps']:>10,.0f} {fmt_us(r.get('p50_us')):>9} {fmt_us(r.get('p99_us')):>9} "
+                f"{fmt_us(r.get('max_us')):>9} {r['errors']:>6} {calls:>13}"
+            )
+        ok = during == 1
+        self.say(
+            f"  {'PASS' if ok else 'FAIL'}  refresh calls seen by the mock cloud during the burst run: {during} (must be 1); "
+            f"refresh landed {('?' if at is None else f'{at:.2f} s')} into the {self.duration} s run "
+            f"(sidecar status: refreshes={status.get('refreshes')})"
+        )
+        ratio = burst["p99_us"] / calm["p99_us"] if calm.get("p99_us") else None
+        self.say(f"  p99 with refresh / p99 without: {fmt_ratio(ratio)}")
+        self.say(
+            f"  one refresh round trip, direct POST to the mock cloud (fresh refresh token): {fmt_us(rtts[0])} "
+            f"(new connection; median of {len(rtts)} chained: {fmt_us(statistics.median(rtts))})"
+        )
+        self.results["refresh_burst"] = {
+            "with_refresh": burst,
+            "without_expiry": calm,
+            "refresh_calls_during_burst": during,
+            "refresh_calls_during_calm": after_calm,
+            "refresh_offset_s": at,
+            "pass": ok,
+            "p99_ratio": ratio,
+            "refresh_rtt_us": rtts,
+            "sidecar_status": status,
+        }
+
+    # -- streaming --------------------------------------------------------
+
+    def _curl(self, argv: list[str], timeout: float = 600) -> str:
+        prefix = ["taskset", "-c", self.client_cpus] if self.client_cpus is not None else []
+        try:
+            done = subprocess.run([*prefix, self.curl, *argv], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"curl timed out: {argv}") from None
+        if done.returncode != 0:
+            raise BenchError(f"curl failed ({done.returncode}): {done.stderr.strip()}")
+        return done.stdout
+
+    def run_streaming(self) -> None:
+        self.say()
+        self.say("== streaming 1 GiB through sidecar (curl; RSS of the sidecar process sampled every 20 ms) ==")
+        url = f"http://127.0.0.1:{self.sidecar.port}"
+        out: dict[str, Any] = {}
+
+        pids = self.sidecar.tree()
+        cpu0 = cpu_seconds(pids)
+        with RssSampler(pids) as rss:
+            text = self._curl(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", url + "/huge"])
+        cpu = cpu_seconds(pids) - cpu0
+        code, size, secs = text.split()
+        size_i, secs_f = int(size), float(secs)
+        if code != "200" or size_i != GiB:
+            raise BenchError(f"1 GiB download through sidecar: HTTP {code}, {size_i} bytes (want {GiB})")
+        out["down"] = {
+            "bytes": size_i, "seconds": secs_f, "mb_per_s": size_i / secs_f / 1e6, "rss_start_kib": rss.start_kib,
+            "rss_peak_kib": rss.peak_kib, "rss_growth_kib": rss.peak_kib - rss.start_kib, "sidecar_cpu_s": cpu,
+        }
+
+        cpu0 = cpu_seconds(pids)
+        with RssSampler(pids) as rss:
+            text = self._curl(
+                [
+                    "-sS", "-H", "Expect:", "-H", "Content-Type: application/octet-stream",
+                    # -T streams the file (with Content-Length); --data-binary @FILE would load it
+                    # into memory, and curl refuses files of 1 GiB and more ("out of memory").
+                    "-X", "POST", "-T", str(self.huge), "-w", "\n%{http_code} %{size_upload} %{time_total}",
+                    url + "/api/v1/upload",
+                ]
+            )
+        cpu = cpu_seconds(pids) - cpu0
+        body, _, stats = text.rpartition("\n")
+        code, size, secs = stats.split()
+        try:
+            received = json.loads(body).get("received")
+        except ValueError:
+            received = None
+        if code != "200" or received != GiB:
+            raise BenchError(f"1 GiB upload through sidecar: HTTP {code}, response {body[:200]!r} (want received={GiB})")
+        size_i, secs_f = int(size), float(secs)
+        out["up"] = {
+            "bytes": size_i, "received": received, "seconds": secs_f, "mb_per_s": size_i / secs_f / 1e6,
+            "rss_start_kib": rss.start_kib, "rss_peak_kib": rss.peak_kib,
+            "rss_growth_kib": rss.peak_kib - rss.start_kib, "sidecar_cpu_s": cpu,
+        }
+        self.say(f"{'direction':<10} {'bytes':>12} {'seconds':>8} {'MB/s':>8} {'RSS start':>10} {'RSS peak':>10} {'RSS growth':>10} {'sidecar CPU':>11}")
+        for name, r in (("down", out["down"]), ("up", out["up"])):
+            self.say(
+                f"{name:<10} {r['bytes']:>12} {r['seconds']:>8.2f} {r['mb_per_s']:>8.0f} {r['rss_start_kib'] / 1024:>8.1f}Mi "
+                f"{r['rss_peak_kib'] / 1024:>8.1f}Mi {r['rss_growth_kib'] / 1024:>8.1f}Mi {r['sidecar_cpu_s']:>10.2f}s"
+            )
+        self.say(
+            f"  down: curl -o /dev/null of /huge (sparse file on the upstream nginx); up: curl -X POST -T FILE -H 'Expect:' "
+            f"to /api/v1/upload (mock cloud via nginx, proxy_request_buffering off); response received={received} "
+            "(== 1 GiB: yes); MB = 10^6 bytes"
+        )
+        self.results["streaming"] = out
+
+    # -- workers ----------------------------------------------------------
+
+    def run_workers(self) -> None:
+        self.say()
+        self.say(f"== sidecar --workers 2 vs 1 worker (GET /small, 64 connections, {self.duration} s per run) ==")
+        store = self.workdir / "store-workers.json"
+        shutil.copy2(self.store, store)
+        w2, _ = self.start_sidecar("sidecar-workers2", store, "--workers", "2", consecutive=20)
+        kids = descendants(w2.pid)
+        self.wrk.run(w2.port, "/small", 64, self.warmup)
+        self.wrk.run(self.sidecar.port, "/small", 64, self.warmup)
+        runs: dict[str, list[dict[str, Any]]] = {"1 worker": [], "2 workers": []}
+        for _ in range(self.runs):
+            for label, server in (("1 worker", self.sidecar), ("2 workers", w2)):
+                runs[label].append(self.wrk.measured(server.port, "/small", 64, self.duration, server.tree()))
+        self.procs.stop(w2)
+        self.say(f"{'sidecar':<10} {'run':>4} {'req/s':>10} {'p50':>9} {'p99':>9} {'CPU us/req':>10} {'errors':>6}")
+        for label, rs in runs.items():
+            for i, r in enumerate(rs):
+                self.say(
+                    f"{label:<10} {i + 1:>4} {r['rps']:>10,.0f} {fmt_us(r.get('p50_us')):>9} {fmt_us(r.get('p99_us')):>9} "
+                    f"{r['cpu_us_per_req']:>10.1f} {r['errors']:>6}"
+                )
+        ratio = mean([r["rps"] for r in runs["2 workers"]]) / mean([r["rps"] for r in runs["1 worker"]])
+        self.say(f"  2 workers / 1 worker req/s: {ratio:.2f}  (worker processes seen: {len(kids)})")
+        if self.server_cpus is not None and "," not in self.server_cpus:
+            self.say(
+                f"  note: servers are pinned to one CPU ({self.server_cpus}) with wrk on the other, so two workers share "
+                "one core with nginx: this box cannot show the ~1.8x scaling; it only shows the extra worker costs little."
+            )
+        elif self.server_cpus is None:
+            self.say("  note: not pinned; wrk, nginx and the workers share the same CPUs, so the ratio says little.")
+        self.results["workers"] = {"runs": runs, "ratio_2_over_1": ratio, "worker_processes": len(kids)}
+
+    # -- all --------------------------------------------------------------
+
+    def run(self) -> None:
+        minimal_loop = "uvloop" if _version_of("uvloop") != "not installed" else "asyncio (uvloop not importable)"
+        info = header_info(self.nginx, self.wrk_path, self.plan_desc, minimal_loop, self.usable_cpus)
+        self.results["header"] = info
+        self.results["settings"] = {"duration_s": self.duration, "runs": self.runs, "warmup_s": self.warmup}
+        self.say("sidecar loopback benchmark")
+        for key, label in (
+            ("date", "date"), ("machine", "uname -m"), ("cpu_model", "CPU"), ("cores", "cores"),
+            ("python", "Python"), ("aiohttp", "aiohttp"), ("uvloop", "uvloop"), ("nginx", "nginx"), ("wrk", "wrk"),
+            ("sidecar", "sidecar"), ("pinning", "pinning"), ("minimal_proxy_loop", "minimal proxy loop"),
+            ("busy_percent_before_start", "other load"),
+        ):
+            value = info[key]
+            if key == "cores":
+                value = f"{value} (usable: {info['usable_cpus']})"
+            if key == "busy_percent_before_start":
+                busy = ", ".join(f"{cpu} {pct:.0f}% busy" for cpu, pct in value.items())
+                value = f"{busy} over 1 s before start; loadavg {' '.join(info['loadavg'])}"
+            self.say(f"  {label + ':':<20} {value}")
+        self.say(f"  {'runs:':<20} {self.runs} x {self.duration} s per target and case, after a {self.warmup} s warm-up")
+        t0 = time.monotonic()
+        self.setup()
+        self.say(f"  {'sidecar startup:':<20} {self.sidecar_startup:.2f} s to /_sidecar/ready")
+        self.run_cases()
+        self.print_targets()
+        self.run_burst()
+        self.run_streaming()
+        self.run_workers()
+        total = time.monotonic() - t0
+        self.results["total_seconds"] = total
+        self.say()
+        self.say(f"total benchmark time: {total:.0f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Loopback benchmark: sidecar vs direct, nginx proxy and a minimal aiohttp proxy.")
+    parser.add_argument("--quick", action="store_true", help="2 s runs instead of 5 s")
+    parser.add_argument("--duration", type=int, default=None, metavar="S", help="seconds per wrk run (whole seconds; default 5, --quick 2)")
+    parser.add_argument("--runs", type=int, default=2, help="runs per target and case (at least 2; default 2)")
+    parser.add_argument("--json", metavar="FILE", help="also write every number as JSON to FILE")
+    args = parser.parse_args()
+    if args.duration is None:
+        args.duration = 2 if args.quick else 5
+    if args.duration < 1:
+        parser.error("--duration must be at least 1 (wrk takes whole seconds)")
+    args.runs = max(2, args.runs)
+
+    missing = [name for name in ("wrk", "nginx", "curl") if find_tool(name) is None]
+    if missing:
+        print(f"bench: error: {' and '.join(missing)} not found; install with: apt-get install wrk nginx curl", file=sys.stderr)
+        return 1
+    nginx, wrk, curl = find_tool("nginx"), find_tool("wrk"), find_tool("curl")
+    assert nginx and wrk and curl
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    plan = cpu_plan()
+    usable_cpus = len(os.sched_getaffinity(0))
+    client_cpus = plan[0]
+    if client_cpus is not None:
+        os.sched_setaffinity(0, {int(client_cpus)})  # this script's own work stays off the server CPU(s)
+
+    workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    bench = Bench(args, workdir, nginx, wrk, curl, plan, usable_cpus)
+    rc = 0
+    try:
+        bench.run()
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        rc = 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        rc = 130
+    finally:
+        bench.procs.stop_all()
+        if args.json:
+            try:
+                Path(args.json).write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+            except OSError as exc:
+                print(f"bench: error: writing {args.json}: {exc}", file=sys.stderr)
+                rc = rc or 1
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
