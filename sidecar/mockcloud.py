@@ -200,6 +200,8 @@ class MockCloud:
 
         self._families = itertools.count(1)
         self._access: dict[str, _Grant] = {}
+        # Every token value ever handed out, for leak checks in tests.
+        self.minted: set[str] = set()
         self._refresh: dict[str, _Grant] = {}
         self._codes: dict[str, str] = {}  # code -> "approved" | "consumed"
         self._fail = _Switch()
@@ -226,18 +228,21 @@ class MockCloud:
     def register_refresh_token(self, token: str) -> None:
         """Accept ``token`` as the refresh token of a new login (seeding containers in examples)."""
         self._refresh[token] = _Grant(_Family(next(self._families)), self.clock() + self.refresh_ttl)
+        self.minted.add(token)
 
     def _new_access(self, family: _Family, ttl: float | None = None) -> tuple[str, float]:
         """Mint an access token in ``family``; return it with its expiry."""
         token = "at_" + secrets.token_urlsafe(32)
         expires_at = self.clock() + (self.access_ttl if ttl is None else ttl)
         self._access[token] = _Grant(family, expires_at)
+        self.minted.add(token)
         return token, expires_at
 
     def _new_refresh(self, family: _Family) -> str:
         """Mint a refresh token in ``family``."""
         token = "rt_" + secrets.token_urlsafe(32)
         self._refresh[token] = _Grant(family, self.clock() + self.refresh_ttl)
+        self.minted.add(token)
         return token
 
     def access_token_valid(self, token: str | None) -> bool:

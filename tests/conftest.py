@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -45,9 +46,35 @@ def monotonic() -> FakeClock:
     return FakeClock(1000.0)
 
 
+_clouds: list[MockCloud] = []
+_logs: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def no_token_leaks(caplog: pytest.LogCaptureFixture) -> Any:
+    """After every test: no token the mock cloud minted appears in any log line.
+
+    Covers everything logged through ``logging`` (at every level) and every
+    in-process proxy's access log; subprocess tests check their own stderr.
+    """
+    caplog.set_level(logging.DEBUG)
+    _clouds.clear()
+    _logs.clear()
+    yield
+    tokens = set().union(*(cloud.minted for cloud in _clouds)) if _clouds else set()
+    if not tokens:
+        return
+    formatter = logging.Formatter("%(message)s %(exc_text)s")
+    records = [*caplog.get_records("setup"), *caplog.get_records("call")]
+    texts = [*(formatter.format(record) for record in records), *(log.getvalue() for log in _logs)]
+    leaked = [token for token in tokens if any(token in text for text in texts)]
+    assert not leaked, f"{len(leaked)} token value(s) appeared in log output"
+
+
 @pytest.fixture
 async def cloud(clock: FakeClock) -> AsyncIterator[MockCloud]:
     mock = MockCloud(clock=clock)
+    _clouds.append(mock)
     await mock.start()
     try:
         yield mock
@@ -148,6 +175,7 @@ async def make_proxy(cloud: MockCloud, store_path: Path, clock: FakeClock) -> As
     async def factory(*, proactive: bool = False, **overrides: Any) -> RunningProxy:
         settings = Settings(**{"upstream": cloud.base_url, "store": str(store_path), "read_timeout": 5.0, "log_format": "json", **overrides})
         log = io.StringIO()
+        _logs.append(log)
         sidecar = await stack.enter_async_context(running_sidecar(settings, log_stream=log, clock=clock, proactive=proactive))
         runner = web.ServerRunner(sidecar.server, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
