@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._received_any = False
+        self.keep_after = True
         # parser scratch
         self._status_reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -142,6 +143,8 @@ class _Connection(asyncio.Protocol):
         response.headers = self._headers
         response.keep_alive = parser.should_keep_alive()
         response.until_eof = _until_eof(status, self._headers)
+        # Trailer fields after a chunked body must not join the headers.
+        self._headers = []
         if self._head_only or status in (204, 304):
             response.complete = True
             # Nothing more belongs to this exchange: stop feeding this parser.
@@ -170,6 +173,11 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.response is not None and self.response.status:
+            # An answer before the body was all sent: stop sending (RFC 9112 §9.3).
+            drain = self._drain_waiter
+            if drain is not None and not drain.done():
+                drain.set_result(None)
 
     async def wait(self, timeout: float | None) -> None:
         """Wait for the parser to make progress (or fail)."""
@@ -194,24 +202,37 @@ class _Connection(asyncio.Protocol):
 
     def begin(self, head_only: bool) -> UpstreamResponse:
         self._exception = None
+        self.keep_after = True
         self._received_any = False
         self._head_only = head_only
         self._parser = httptools.HttpResponseParser(self)
         self.response = UpstreamResponse(self)
         return self.response
 
+    @property
+    def answered(self) -> bool:
+        """The upstream has sent its response head."""
+        return self.response is not None and bool(self.response.status)
+
     async def drain(self) -> None:
-        if self.closed:
+        """Wait until the upstream takes more of the body, an answer comes, or time runs out."""
+        if self.closed and not self.answered:
             raise UpstreamUnreachable("the upstream closed the connection")
-        if self._write_paused:
-            self._drain_waiter = self._loop.create_future()
+        if self._write_paused and not self.answered:
+            waiter = self._drain_waiter = self._loop.create_future()
+            timeout = self._pool.read_timeout
+            timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
             try:
-                await self._drain_waiter
+                await waiter
             finally:
                 self._drain_waiter = None
+                if timer is not None:
+                    timer.cancel()
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
+            if self.answered:
+                return  # the answer is in; the rest of the body is moot
             raise UpstreamUnreachable("the upstream closed the connection")
         self.transport.write(data)
 
@@ -294,7 +315,7 @@ class UpstreamResponse:
         self._released = True
         connection = self._connection
         connection.response = None
-        if self.complete and self.keep_alive and not self.chunks and not connection.closed:
+        if self.complete and self.keep_alive and connection.keep_after and not self.chunks and not connection.closed:
             connection._parser = None
             connection._pool.put_back(connection)
         else:
@@ -397,10 +418,18 @@ async def _write_request(connection: _Connection, head: bytes, body: bytes | Asy
         return
     connection.write(head)
     async for chunk in body:
+        if connection.answered:
+            # The upstream answered early (413, 401...): the rest is not wanted,
+            # and the connection cannot be reused with half a body sent.
+            connection.keep_after = False
+            return
         if not chunk:
             continue
         connection.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n" if chunked else chunk)
         await connection.drain()
+    if connection.answered and not connection.closed:
+        connection.keep_after = False
+        return
     if chunked:
         connection.write(b"0\r\n\r\n")
     await connection.drain()
