@@ -719,6 +719,7 @@ class Bench:
 
         # A real pair from the mock cloud (so /api/v1/upload accepts it), valid for a day.
         pair = self.refresh_direct(self.tokens["seed"])
+        self.access_token = pair["accessToken"]  # for the direct (no proxy) upload reference
         self.store = w / "store-main.json"
         done = subprocess.run(
             [
@@ -848,13 +849,13 @@ class Bench:
         self.say()
         self.say("== targets from the issue (best run of each target) ==")
         r = b64["sidecar"]["rps"] / b64["nginx-proxy"]["rps"]
-        check("64 conns small: sidecar req/s / nginx-proxy req/s", r, ">=", 0.25, f"{r:.2f}")
+        check("64 conns small: sidecar req/s / nginx-proxy req/s", r, ">=", 0.25, f"{r:.3f}")
         r = b64["sidecar"]["rps"] / b64["minimal-aiohttp"]["rps"]
-        check("64 conns small: sidecar req/s / minimal-aiohttp req/s", r, ">=", 1.3, f"{r:.2f}")
+        check("64 conns small: sidecar req/s / minimal-aiohttp req/s", r, ">=", 1.3, f"{r:.3f}")
         added = b1["sidecar"]["p50_us"] - b1["direct"]["p50_us"]
         check("1 conn small: sidecar p50 - direct p50", added, "<=", 100, f"{added:+.0f} us")
         r = bbig["sidecar"]["rps"] / bbig["nginx-proxy"]["rps"]
-        check("1 MiB 8 conns: sidecar req/s / nginx-proxy req/s", r, ">=", 1.0, f"{r:.2f}")
+        check("1 MiB 8 conns: sidecar req/s / nginx-proxy req/s", r, ">=", 1.0, f"{r:.3f}")
         if any(cases[k].get("noisy") for k in cases):
             self.say("  (some cases were NOISY, see above: treat close calls with care)")
         self.results["targets"] = checks
@@ -954,35 +955,32 @@ class Bench:
             raise BenchError(f"curl failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout
 
-    def run_streaming(self) -> None:
-        self.say()
-        self.say("== streaming 1 GiB through sidecar (curl; RSS of the sidecar process sampled every 20 ms) ==")
-        url = f"http://127.0.0.1:{self.sidecar.port}"
-        out: dict[str, Any] = {}
-
-        pids = self.sidecar.tree()
+    def _download(self, port: int, sidecar: Server | None) -> dict[str, Any]:
+        pids = sidecar.tree() if sidecar else []
         cpu0 = cpu_seconds(pids)
         with RssSampler(pids) as rss:
-            text = self._curl(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", url + "/huge"])
+            text = self._curl(
+                ["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", f"http://127.0.0.1:{port}/huge"]
+            )
         cpu = cpu_seconds(pids) - cpu0
         code, size, secs = text.split()
         size_i, secs_f = int(size), float(secs)
         if code != "200" or size_i != GiB:
-            raise BenchError(f"1 GiB download through sidecar: HTTP {code}, {size_i} bytes (want {GiB})")
-        out["down"] = {
-            "bytes": size_i, "seconds": secs_f, "mb_per_s": size_i / secs_f / 1e6, "rss_start_kib": rss.start_kib,
-            "rss_peak_kib": rss.peak_kib, "rss_growth_kib": rss.peak_kib - rss.start_kib, "sidecar_cpu_s": cpu,
-        }
+            raise BenchError(f"1 GiB download from port {port}: HTTP {code}, {size_i} bytes (want {GiB})")
+        return self._stream_result(size_i, secs_f, rss, cpu, sidecar)
 
+    def _upload(self, port: int, sidecar: Server | None) -> dict[str, Any]:
+        pids = sidecar.tree() if sidecar else []
+        auth = [] if sidecar else ["-H", f"Authorization: Bearer {self.access_token}"]
         cpu0 = cpu_seconds(pids)
         with RssSampler(pids) as rss:
             text = self._curl(
                 [
-                    "-sS", "-H", "Expect:", "-H", "Content-Type: application/octet-stream",
+                    "-sS", "-H", "Expect:", "-H", "Content-Type: application/octet-stream", *auth,
                     # -T streams the file (with Content-Length); --data-binary @FILE would load it
                     # into memory, and curl refuses files of 1 GiB and more ("out of memory").
                     "-X", "POST", "-T", str(self.huge), "-w", "\n%{http_code} %{size_upload} %{time_total}",
-                    url + "/api/v1/upload",
+                    f"http://127.0.0.1:{port}/api/v1/upload",
                 ]
             )
         cpu = cpu_seconds(pids) - cpu0
@@ -990,26 +988,55 @@ class Bench:
         code, size, secs = stats.split()
         try:
             received = json.loads(body).get("received")
-        except ValueError:
+        except (ValueError, AttributeError):
             received = None
         if code != "200" or received != GiB:
-            raise BenchError(f"1 GiB upload through sidecar: HTTP {code}, response {body[:200]!r} (want received={GiB})")
-        size_i, secs_f = int(size), float(secs)
-        out["up"] = {
-            "bytes": size_i, "received": received, "seconds": secs_f, "mb_per_s": size_i / secs_f / 1e6,
-            "rss_start_kib": rss.start_kib, "rss_peak_kib": rss.peak_kib,
-            "rss_growth_kib": rss.peak_kib - rss.start_kib, "sidecar_cpu_s": cpu,
-        }
-        self.say(f"{'direction':<10} {'bytes':>12} {'seconds':>8} {'MB/s':>8} {'RSS start':>10} {'RSS peak':>10} {'RSS growth':>10} {'sidecar CPU':>11}")
-        for name, r in (("down", out["down"]), ("up", out["up"])):
-            self.say(
-                f"{name:<10} {r['bytes']:>12} {r['seconds']:>8.2f} {r['mb_per_s']:>8.0f} {r['rss_start_kib'] / 1024:>8.1f}Mi "
-                f"{r['rss_peak_kib'] / 1024:>8.1f}Mi {r['rss_growth_kib'] / 1024:>8.1f}Mi {r['sidecar_cpu_s']:>10.2f}s"
+            raise BenchError(f"1 GiB upload to port {port}: HTTP {code}, response {body[:200]!r} (want received={GiB})")
+        result = self._stream_result(int(size), float(secs), rss, cpu, sidecar)
+        result["received"] = received
+        return result
+
+    @staticmethod
+    def _stream_result(size: int, secs: float, rss: RssSampler, cpu: float, sidecar: Server | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"bytes": size, "seconds": secs, "mb_per_s": size / secs / 1e6}
+        if sidecar:
+            out.update(
+                rss_start_kib=rss.start_kib, rss_peak_kib=rss.peak_kib, rss_growth_kib=rss.peak_kib - rss.start_kib,
+                sidecar_cpu_s=cpu,
             )
+        return out
+
+    def run_streaming(self) -> None:
+        self.say()
+        self.say("== streaming 1 GiB through sidecar (curl; RSS of the sidecar process sampled every 20 ms) ==")
+        out = {
+            "down": self._download(self.sidecar.port, self.sidecar),
+            "down_direct": self._download(self.upstream.port, None),
+            "up": self._upload(self.sidecar.port, self.sidecar),
+            "up_direct": self._upload(self.upstream.port, None),
+        }
         self.say(
-            f"  down: curl -o /dev/null of /huge (sparse file on the upstream nginx); up: curl -X POST -T FILE -H 'Expect:' "
-            f"to /api/v1/upload (mock cloud via nginx, proxy_request_buffering off); response received={received} "
-            "(== 1 GiB: yes); MB = 10^6 bytes"
+            f"{'direction':<22} {'bytes':>12} {'seconds':>8} {'MB/s':>8} {'RSS start':>10} {'RSS peak':>10} "
+            f"{'RSS growth':>10} {'sidecar CPU':>11}"
+        )
+        for key, label in (
+            ("down", "down, sidecar"), ("down_direct", "down, direct"), ("up", "up, sidecar"), ("up_direct", "up, direct"),
+        ):
+            r = out[key]
+            line = f"{label:<22} {r['bytes']:>12} {r['seconds']:>8.2f} {r['mb_per_s']:>8.0f}"
+            if "rss_peak_kib" in r:
+                line += (
+                    f" {r['rss_start_kib'] / 1024:>8.1f}Mi {r['rss_peak_kib'] / 1024:>8.1f}Mi "
+                    f"{r['rss_growth_kib'] / 1024:>8.1f}Mi {r['sidecar_cpu_s']:>10.2f}s"
+                )
+            else:
+                line += f" {'-':>10} {'-':>10} {'-':>10} {'-':>11}"
+            self.say(line)
+        self.say(
+            "  down: curl -o /dev/null of /huge (sparse file on the upstream nginx); up: curl -X POST -T FILE -H 'Expect:' "
+            "to /api/v1/upload (mock cloud behind nginx, proxy_request_buffering off); "
+            f"upload responses: received={out['up']['received']} / {out['up_direct']['received']} (== 1 GiB: yes); "
+            "direct = same transfer without the sidecar; MB = 10^6 bytes"
         )
         self.results["streaming"] = out
 
