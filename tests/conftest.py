@@ -111,6 +111,23 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A child environment without SIDECAR_*, without a display (no browser opens), with an empty XDG config home."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(exist_ok=True)
+    child = clean_env(XDG_CONFIG_HOME=str(xdg))
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
+        child.pop(name, None)
+    return child
+
+
+@pytest.fixture
+def listen(unused_tcp_port: int) -> str:
+    """A free loopback ``HOST:PORT`` for ``--listen``."""
+    return f"127.0.0.1:{unused_tcp_port}"
+
+
 ManagerFactory = Callable[..., Awaitable[TokenManager]]
 
 

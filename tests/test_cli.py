@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SIDECAR, clean_env, pair_from_cloud, seed_store
+from conftest import SIDECAR, pair_from_cloud, seed_store
 from sidecar.mockcloud import MockCloud
 from sidecar.store import TokenStore
 from sidecar.tokens import TokenPair, parse_timestamp
@@ -49,14 +49,6 @@ async def run_sidecar(env: dict[str, str], *args: str, timeout: float = TIMEOUT,
         pytest.fail(f"sidecar {' '.join(args)} did not finish within {timeout} s")
     assert process.returncode is not None
     return Run(process.returncode, out.decode(), err.decode())
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A child environment without SIDECAR_* and with an empty XDG config home."""
-    xdg = tmp_path / "xdg"
-    xdg.mkdir()
-    return clean_env(XDG_CONFIG_HOME=str(xdg))
 
 
 def seed_expired(path: Path, cloud: MockCloud) -> TokenPair:

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import SIDECAR, clean_env, pair_from_cloud, seed_store
+from conftest import SIDECAR, pair_from_cloud, seed_store
 from sidecar.mockcloud import MockCloud
 from sidecar.store import TokenStore
 from sidecar.tokens import TokenPair
@@ -45,14 +45,6 @@ class Run:
     code: int
     out: str
     err: str
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A child environment without SIDECAR_* and with an empty XDG config home."""
-    xdg = tmp_path / "xdg"
-    xdg.mkdir()
-    return clean_env(XDG_CONFIG_HOME=str(xdg))
 
 
 async def start_sidecar(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:

@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from conftest import SIDECAR, FakeClock, clean_env, seed_store
+from conftest import SIDECAR, FakeClock, seed_store
 from yarl import URL
 
 from sidecar.errors import LoginError
@@ -57,17 +57,6 @@ class Run:
 
 
 Start = Callable[..., Awaitable[asyncio.subprocess.Process]]
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A child environment without SIDECAR_*, DISPLAY or BROWSER, with an empty XDG config home."""
-    xdg = tmp_path / "xdg"
-    xdg.mkdir()
-    child = clean_env(XDG_CONFIG_HOME=str(xdg))
-    for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
-        child.pop(name, None)
-    return child
 
 
 @pytest.fixture

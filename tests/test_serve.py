@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import SIDECAR, clean_env, pair_from_cloud, seed_store
+from conftest import SIDECAR, pair_from_cloud, seed_store
 
 from sidecar.mockcloud import MockCloud
 from sidecar.store import TokenStore
@@ -237,20 +237,6 @@ def assert_one_line_failure(run: Run, code: int) -> None:
     assert run.code == code, run
     assert "Traceback" not in run.err, run.err
     assert len(run.err.strip().splitlines()) == 1, run.err
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A child environment without SIDECAR_* and with an empty XDG config home."""
-    xdg = tmp_path / "xdg"
-    xdg.mkdir()
-    return clean_env(XDG_CONFIG_HOME=str(xdg))
-
-
-@pytest.fixture
-def listen(unused_tcp_port: int) -> str:
-    """A free loopback ``HOST:PORT`` for ``--listen``."""
-    return f"127.0.0.1:{unused_tcp_port}"
 
 
 @pytest.fixture

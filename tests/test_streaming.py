@@ -20,7 +20,7 @@ from typing import Self
 import aiohttp
 import pytest
 
-from conftest import clean_env, seed_store
+from conftest import seed_store
 from test_serve import ECHO, Served, running_serve
 
 from sidecar.mockcloud import MockCloud
@@ -95,14 +95,6 @@ def report(direction: str, count: int, seconds: float, sampler: RssSampler) -> N
         f"serve RSS {sampler.baseline / MIB:.1f} MiB -> peak {sampler.peak / MIB:.1f} MiB "
         f"(+{sampler.growth / MIB:.1f} MiB, {sampler.samples} samples)"
     )
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A child environment without SIDECAR_* and with an empty XDG config home."""
-    xdg = tmp_path / "xdg"
-    xdg.mkdir()
-    return clean_env(XDG_CONFIG_HOME=str(xdg))
 
 
 async def test_one_gib_download_streams_in_bounded_memory(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int) -> None:

@@ -11,7 +11,7 @@ import aiohttp
 
 from sidecar.mockcloud import MockCloud
 from conftest import SIDECAR
-from test_serve import Served, env, listen, running_serve, seed_expired, status_of  # noqa: F401 - fixtures
+from test_serve import Served, running_serve, seed_expired, status_of
 
 WORKERS = 2
 REQUESTS = 100
