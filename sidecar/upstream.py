@@ -183,15 +183,11 @@ class _Connection(asyncio.Protocol):
         """Wait for the parser to make progress (or fail)."""
         if self._exception is not None:
             raise self._exception
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
+        waiter = self._waiter = self._loop.create_future()
         try:
-            await waiter
+            await _within(self._loop, waiter, timeout)
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
         if self._exception is not None:
             raise self._exception
 
@@ -220,14 +216,10 @@ class _Connection(asyncio.Protocol):
             raise UpstreamUnreachable("the upstream closed the connection")
         if self._write_paused and not self.answered:
             waiter = self._drain_waiter = self._loop.create_future()
-            timeout = self._pool.read_timeout
-            timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
             try:
-                await waiter
+                await _within(self._loop, waiter, self._pool.read_timeout)
             finally:
                 self._drain_waiter = None
-                if timer is not None:
-                    timer.cancel()
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
@@ -245,6 +237,20 @@ class _Connection(asyncio.Protocol):
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(UpstreamTimeout("the upstream did not answer in time"))
+
+
+async def _within(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None], timeout: float | None) -> None:
+    """Await ``waiter``, failing it with UpstreamTimeout after ``timeout`` seconds.
+
+    One timer handle instead of asyncio.wait_for's extra task: this runs for
+    every wait on every request.
+    """
+    timer = loop.call_later(timeout, _expire, waiter) if timeout else None
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _until_eof(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
