@@ -18,17 +18,15 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from sidecar import problems
+from sidecar import problems, websocket
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.guards import host_allowed, origin_allowed, path_escapes, split_target
-from sidecar.headers import request_head, response_headers, websocket_headers
+from sidecar.headers import request_head, response_headers
 from sidecar.manager import TokenManager
 from sidecar.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 
 LOCAL_PREFIX = "/_sidecar/"
-_WS_HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")
-_READ_CHUNK = 256 * 1024
 _NO_CONTENT = frozenset({204, 304})
 
 
@@ -66,7 +64,7 @@ class Upstream:
         origin = str(parsed.origin())
         prefix = base[len(origin):] if base.startswith(origin) else parsed.raw_path.rstrip("/")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        return cls(url, base, origin, parsed.scheme, parsed.host, port, prefix, prefix.encode("ascii", "strict") if prefix.isascii() else prefix.encode())
+        return cls(url, base, origin, parsed.scheme, parsed.host, port, prefix, prefix.encode())
 
 
 class _ClientGone(Exception):
@@ -94,7 +92,6 @@ class Proxy:
         self._local = local
         self._record = record
         self._allowed_hosts = tuple(host.lower() for host in settings.allowed_hosts)
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout)
         self._upstream_cache: Upstream | None = None
         self._pools: dict[str, UpstreamPool] = {}
         self.in_flight = 0
@@ -333,19 +330,9 @@ class Proxy:
         token = await self._token(outcome)
         if isinstance(token, web.Response):
             return token
-        protocols = tuple(p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip())
         while True:
-            headers = websocket_headers(request.headers, "Bearer " + token, _WS_HANDSHAKE_HEADERS)
             try:
-                upstream = await self._session.ws_connect(
-                    URL(url, encoded=True),
-                    headers=headers,
-                    protocols=protocols,
-                    autoclose=False,
-                    autoping=False,
-                    max_msg_size=0,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self._settings.read_timeout),
-                )
+                upstream = await websocket.connect(self._session, request, url, "Bearer " + token, self._settings.read_timeout)
             except aiohttp.WSServerHandshakeError as exc:
                 outcome.upstream_status = exc.status
                 if exc.status == 401 and not outcome.retried:
@@ -362,15 +349,8 @@ class Proxy:
             except aiohttp.ClientError as exc:
                 return self._problem(outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached ({type(exc).__name__}).")
             break
-        outcome.upstream_status = 101
-        downstream = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False, autoping=False, max_msg_size=0)
-        try:
-            await downstream.prepare(request)
-            outcome.status = 101
-            await _pump_websockets(downstream, upstream)
-        finally:
-            await upstream.close()
-        return downstream
+        outcome.upstream_status = outcome.status = 101
+        return await websocket.relay(request, upstream)
 
     # -- problems -----------------------------------------------------------
 
@@ -413,28 +393,3 @@ async def _stream(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator
         if not chunk:
             return
         yield chunk
-
-
-async def _pump_websockets(downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
-    """Copy frames both ways until either side closes."""
-
-    async def copy(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
-        async for message in source:
-            if message.type == aiohttp.WSMsgType.TEXT:
-                await sink.send_str(message.data)
-            elif message.type == aiohttp.WSMsgType.BINARY:
-                await sink.send_bytes(message.data)
-            elif message.type == aiohttp.WSMsgType.PING:
-                await sink.ping(message.data)
-            elif message.type == aiohttp.WSMsgType.PONG:
-                await sink.pong(message.data)
-        if not sink.closed:
-            await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
-
-    tasks = [asyncio.ensure_future(copy(downstream, upstream)), asyncio.ensure_future(copy(upstream, downstream))]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

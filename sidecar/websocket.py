@@ -1,0 +1,71 @@
+"""WebSocket upgrades: the upstream handshake with our headers, then frames copied both ways.
+
+Policy (which token, what a 401 means) stays in proxy.py; this module only
+speaks the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from sidecar.headers import websocket_headers
+
+# aiohttp writes these for the upstream handshake itself.
+_HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")
+
+
+def requested_protocols(request: web.BaseRequest) -> tuple[str, ...]:
+    return tuple(p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip())
+
+
+async def connect(session: aiohttp.ClientSession, request: web.BaseRequest, url: str, authorization: str, close_timeout: float) -> aiohttp.ClientWebSocketResponse:
+    """Open the upstream WebSocket; raises aiohttp's errors (WSServerHandshakeError carries the status)."""
+    return await session.ws_connect(
+        URL(url, encoded=True),
+        headers=websocket_headers(request.headers, authorization, _HANDSHAKE_HEADERS),
+        protocols=requested_protocols(request),
+        autoclose=False,
+        autoping=False,
+        max_msg_size=0,
+        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
+    )
+
+
+async def relay(request: web.BaseRequest, upstream: aiohttp.ClientWebSocketResponse) -> web.WebSocketResponse:
+    """Accept the client's upgrade and copy frames until either side closes."""
+    downstream = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False, autoping=False, max_msg_size=0)
+    try:
+        await downstream.prepare(request)
+        await _pump(downstream, upstream)
+    finally:
+        await upstream.close()
+    return downstream
+
+
+async def _pump(downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Copy frames both ways until either side closes."""
+
+    async def copy(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+        async for message in source:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == aiohttp.WSMsgType.PING:
+                await sink.ping(message.data)
+            elif message.type == aiohttp.WSMsgType.PONG:
+                await sink.pong(message.data)
+        if not sink.closed:
+            await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+
+    tasks = [asyncio.ensure_future(copy(downstream, upstream)), asyncio.ensure_future(copy(upstream, downstream))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
