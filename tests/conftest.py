@@ -1,13 +1,22 @@
-"""Shared fixtures: a fake clock, the mock cloud on loopback, a token store in tmp_path."""
+"""Shared fixtures and helpers: a fake clock, the mock cloud on loopback, a token store in tmp_path, sidecar subprocesses.
+
+Test modules import the plain helpers with ``from conftest import ...``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import inspect
 import logging
 import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 import pytest
@@ -21,6 +30,10 @@ from sidecar.tokens import TokenPair, parse_timestamp
 
 # The sidecar command as a subprocess, from this interpreter.
 SIDECAR = [sys.executable, "-m", "sidecar"]
+# Generous for a cold interpreter on a loaded CI box; a hang still fails fast.
+TIMEOUT = 20.0
+# The keys of every access log line (SPEC §4).
+ACCESS_LOG_KEYS = {"ts", "method", "path", "status", "upstream_status", "duration_ms", "retried", "refreshed"}
 
 
 class FakeClock:
@@ -71,15 +84,21 @@ def no_token_leaks(caplog: pytest.LogCaptureFixture) -> Any:
     assert not leaked, f"{len(leaked)} token value(s) appeared in log output"
 
 
-@pytest.fixture
-async def cloud(clock: FakeClock) -> AsyncIterator[MockCloud]:
-    mock = MockCloud(clock=clock)
+@contextlib.asynccontextmanager
+async def serving(mock: MockCloud) -> AsyncIterator[MockCloud]:
+    """Run ``mock`` on loopback for the block; the tokens it mints are looked for in the logs at teardown."""
     _clouds.append(mock)
     await mock.start()
     try:
         yield mock
     finally:
         await mock.stop()
+
+
+@pytest.fixture
+async def cloud(clock: FakeClock) -> AsyncIterator[MockCloud]:
+    async with serving(MockCloud(clock=clock)) as mock:
+        yield mock
 
 
 @pytest.fixture
@@ -104,6 +123,21 @@ def seed_store(path: Path, cloud: MockCloud, *, obtained_at: float | None = None
     return pair
 
 
+def seed_expired(path: Path, cloud: MockCloud) -> TokenPair:
+    """Write a new login from the cloud, with its access token already expired on disk."""
+    pair = dataclasses.replace(pair_from_cloud(cloud.issue_pair(), cloud.base_url), expires_at=time.time() - 10)
+    TokenStore(path).write(pair)
+    return pair
+
+
+def stored(path: Path) -> TokenPair:
+    """The pair in the store file; fails the test if there is none."""
+    snapshot = TokenStore(path).read()
+    assert snapshot.problem is None
+    assert snapshot.pair is not None
+    return snapshot.pair
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The process environment without SIDECAR_* variables, plus ``extra``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SIDECAR_")}
@@ -111,21 +145,126 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """A child environment without SIDECAR_*, without a display (no browser opens), with an empty XDG config home."""
-    xdg = tmp_path / "xdg"
-    xdg.mkdir(exist_ok=True)
-    child = clean_env(XDG_CONFIG_HOME=str(xdg))
+def child_env(xdg: Path, **extra: str) -> dict[str, str]:
+    """A child environment without SIDECAR_*, without a display (no browser opens), with ``xdg`` as XDG config home, plus ``extra``."""
+    child = clean_env(XDG_CONFIG_HOME=str(xdg), **extra)
     for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
         child.pop(name, None)
     return child
 
 
 @pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A child environment without SIDECAR_*, without a display (no browser opens), with an empty XDG config home."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(exist_ok=True)
+    return child_env(xdg)
+
+
+@pytest.fixture
 def listen(unused_tcp_port: int) -> str:
     """A free loopback ``HOST:PORT`` for ``--listen``."""
     return f"127.0.0.1:{unused_tcp_port}"
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago: nothing listens on it now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# -- subprocesses -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    """What one finished process did."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def start_sidecar(env: dict[str, str], *args: str, stderr: Any = subprocess.PIPE, umask: int = -1) -> asyncio.subprocess.Process:
+    """Start ``sidecar ARGS`` with ``env`` and no stdin; stdout is a pipe, and so is stderr unless ``stderr`` says otherwise."""
+    return await asyncio.create_subprocess_exec(
+        *SIDECAR, *args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, umask=umask
+    )
+
+
+async def finish(process: asyncio.subprocess.Process, already: str = "", *, timeout: float = TIMEOUT, what: str | None = None) -> Run:
+    """Wait for ``process`` and read the rest of its output (``already``: stderr read before, put in front).
+
+    Kills it and fails the test if it outlives ``timeout``; ``what`` names it in that failure.
+    """
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        pytest.fail(f"{what or f'sidecar process {process.pid}'} did not finish within {timeout} s")
+    assert process.returncode is not None
+    return Run(process.returncode, (out or b"").decode(), already + (err or b"").decode())
+
+
+async def run_sidecar(env: dict[str, str], *args: str, timeout: float = TIMEOUT, umask: int = -1) -> Run:
+    """Run ``sidecar ARGS`` to completion; kill it and fail if it outlives ``timeout``."""
+    process = await start_sidecar(env, *args, umask=umask)
+    return await finish(process, timeout=timeout, what=f"sidecar {' '.join(args)}")
+
+
+async def kill_running(processes: Iterable[asyncio.subprocess.Process]) -> None:
+    """Kill and reap each of ``processes`` that still runs."""
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def read_lines_until(stream: asyncio.StreamReader | None, mark: str, timeout: float, what: str) -> list[str]:
+    """Read lines from ``stream`` (``what``, for failures) until one contains ``mark``; every line read, that one last.
+
+    Fails the test if ``timeout`` passes or the stream ends first.
+    """
+    assert stream is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"no line containing {mark!r} on {what} within {timeout} s; {what} so far: {''.join(seen)!r}")
+        try:
+            raw = await asyncio.wait_for(stream.readline(), remaining)
+        except TimeoutError:
+            continue
+        if not raw:
+            pytest.fail(f"{what} closed before a line containing {mark!r}; {what}: {''.join(seen)!r}")
+        seen.append(raw.decode())
+        if mark in seen[-1]:
+            return seen
+
+
+async def poll_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Call ``condition`` (plain or async) every ``interval`` seconds until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def assert_one_line_failure(run: Run, code: int) -> None:
+    """``run`` exited ``code`` with exactly one non-empty stderr line and no traceback on stdout or stderr."""
+    assert run.code == code, run
+    assert "Traceback" not in run.out + run.err, run.err
+    lines = [line for line in run.err.splitlines() if line.strip()]
+    assert len(lines) == 1, run.err
 
 
 ManagerFactory = Callable[..., Awaitable[TokenManager]]
@@ -179,7 +318,6 @@ async def make_proxy(cloud: MockCloud, store_path: Path, clock: FakeClock) -> As
     Keyword arguments override Settings; ``proactive`` turns the background
     refresh loop on (off by default so tests control every refresh).
     """
-    import contextlib
     import io
 
     from aiohttp import web
@@ -202,3 +340,22 @@ async def make_proxy(cloud: MockCloud, store_path: Path, clock: FakeClock) -> As
 
     async with stack:
         yield factory
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client with no connection limit that never decompresses."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False) as session:
+        yield session
+
+
+@pytest.fixture
+def login(store_path: Path, cloud: MockCloud, clock: FakeClock) -> TokenPair:
+    """A fresh login at the mock cloud, in the store."""
+    return seed_store(store_path, cloud, obtained_at=clock())
+
+
+@pytest.fixture
+async def proxy(login: TokenPair, make_proxy: ProxyFactory) -> RunningProxy:
+    """A proxy in front of the mock cloud, logged in."""
+    return await make_proxy()

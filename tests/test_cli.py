@@ -8,8 +8,6 @@ event loop while the child runs.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import stat
 import subprocess
@@ -18,60 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SIDECAR, pair_from_cloud, seed_store
+from conftest import Run, assert_one_line_failure, run_sidecar, seed_expired, seed_store, stored
 from sidecar.mockcloud import MockCloud
 from sidecar.store import TokenStore
 from sidecar.tokens import TokenPair, parse_timestamp
-
-# Generous for a cold interpreter on a loaded CI box; a hang still fails fast.
-TIMEOUT = 20.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Run:
-    """What one sidecar process did."""
-
-    code: int
-    out: str
-    err: str
-
-
-async def run_sidecar(env: dict[str, str], *args: str, timeout: float = TIMEOUT, umask: int = -1) -> Run:
-    """Run ``sidecar ARGS`` to completion; kill it and fail if it outlives ``timeout``."""
-    process = await asyncio.create_subprocess_exec(
-        *SIDECAR, *args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=umask
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"sidecar {' '.join(args)} did not finish within {timeout} s")
-    assert process.returncode is not None
-    return Run(process.returncode, out.decode(), err.decode())
-
-
-def seed_expired(path: Path, cloud: MockCloud) -> TokenPair:
-    """Write a pair the cloud issued, with its access token already expired on disk."""
-    pair = dataclasses.replace(pair_from_cloud(cloud.issue_pair(), cloud.base_url), expires_at=time.time() - 10)
-    TokenStore(path).write(pair)
-    return pair
-
-
-def stored(path: Path) -> TokenPair:
-    """The pair in the store file; fails the test if there is none."""
-    snapshot = TokenStore(path).read()
-    assert snapshot.problem is None
-    assert snapshot.pair is not None
-    return snapshot.pair
-
-
-def assert_one_line_failure(run: Run, code: int) -> None:
-    """``run`` exited ``code`` with exactly one non-empty stderr line and no traceback."""
-    assert run.code == code, run
-    assert "Traceback" not in run.out + run.err
-    lines = [line for line in run.err.splitlines() if line.strip()]
-    assert len(lines) == 1, run.err
 
 
 def assert_no_secrets(run: Run, *secrets: str | None) -> None:
@@ -389,39 +337,32 @@ async def test_corrupt_store_status_json_is_logged_out_with_reason(cloud: MockCl
     assert store_path.read_bytes() == corrupt_store
 
 
-async def test_unknown_toml_key_exits_2_naming_it(cloud: MockCloud, store_path: Path, env: dict[str, str], tmp_path: Path) -> None:
-    """An unknown key in ``--config`` is a one-line error naming the key, and the store is untouched."""
+async def _bad_input_is_refused(cloud: MockCloud, store_path: Path, env: dict[str, str], args: tuple[str, ...], named: str) -> None:
+    """On an expired store, ``token ARGS`` with ``env`` exits 2 with one line naming ``named``, leaves the store alone and calls nobody."""
     seed_expired(store_path, cloud)
     before = store_path.read_bytes()
-    config = tmp_path / "sidecar.toml"
-    config.write_text('leewaay = 30\n')
-    run = await run_sidecar(env, "token", "--config", str(config), "--store", str(store_path))
+    run = await run_sidecar(env, "token", *args, "--store", str(store_path))
     assert_one_line_failure(run, 2)
-    assert "leewaay" in run.err
+    assert named in run.err
     assert store_path.read_bytes() == before
     assert cloud.requests_seen == 0
+
+
+async def test_unknown_toml_key_exits_2_naming_it(cloud: MockCloud, store_path: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """An unknown key in ``--config`` is a one-line error naming the key, and the store is untouched."""
+    config = tmp_path / "sidecar.toml"
+    config.write_text('leewaay = 30\n')
+    await _bad_input_is_refused(cloud, store_path, env, ("--config", str(config)), "leewaay")
 
 
 async def test_bad_leeway_variable_exits_2_naming_it(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
     """SIDECAR_LEEWAY=abc is a one-line error naming the variable, and the store is untouched."""
-    seed_expired(store_path, cloud)
-    before = store_path.read_bytes()
-    run = await run_sidecar({**env, "SIDECAR_LEEWAY": "abc"}, "token", "--store", str(store_path))
-    assert_one_line_failure(run, 2)
-    assert "SIDECAR_LEEWAY" in run.err
-    assert store_path.read_bytes() == before
-    assert cloud.requests_seen == 0
+    await _bad_input_is_refused(cloud, store_path, {**env, "SIDECAR_LEEWAY": "abc"}, (), "SIDECAR_LEEWAY")
 
 
 async def test_unknown_flag_exits_2(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
     """An unknown flag is a one-line usage error, and the store is untouched."""
-    seed_expired(store_path, cloud)
-    before = store_path.read_bytes()
-    run = await run_sidecar(env, "token", "--frobnicate", "--store", str(store_path))
-    assert_one_line_failure(run, 2)
-    assert "--frobnicate" in run.err
-    assert store_path.read_bytes() == before
-    assert cloud.requests_seen == 0
+    await _bad_input_is_refused(cloud, store_path, env, ("--frobnicate",), "--frobnicate")
 
 
 def _chattr(flag: str, directory: Path) -> bool:

@@ -9,25 +9,18 @@ same refresh token" looks like from the cloud's side.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
 import os
 import random
 import stat
-import subprocess
-import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from conftest import SIDECAR, pair_from_cloud, seed_store
+from conftest import TIMEOUT, Run, finish, kill_running, poll_until, seed_expired, seed_store, start_sidecar, stored
 from sidecar.mockcloud import MockCloud
 from sidecar.store import TokenStore
-from sidecar.tokens import TokenPair
 
-# Generous for a cold interpreter on a loaded CI box; a hang still fails fast.
-TIMEOUT = 20.0
 PROCESSES = 8
 CRASH_ITERATIONS = 30
 # Startup is ~0.2 s and a whole forced refresh ~0.25 s here, so kills in this
@@ -38,59 +31,13 @@ WHOAMI = "/api/v1/auth/whoami"
 REFRESH = "/api/v1/auth/token/refresh"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Run:
-    """What one sidecar process did."""
-
-    code: int
-    out: str
-    err: str
-
-
-async def start_sidecar(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-    """Start ``sidecar ARGS`` with stdout and stderr captured."""
-    return await asyncio.create_subprocess_exec(
-        *SIDECAR, *args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-
-
-async def finish(process: asyncio.subprocess.Process, timeout: float = TIMEOUT) -> Run:
-    """Wait for ``process``; kill it and fail if it outlives ``timeout``."""
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"sidecar process {process.pid} did not finish within {timeout} s")
-    assert process.returncode is not None
-    return Run(process.returncode, out.decode(), err.decode())
-
-
 async def run_many(env: dict[str, str], count: int, *args: str) -> list[Run]:
     """Start ``count`` copies of ``sidecar ARGS`` at once and wait for all of them."""
     processes = [await start_sidecar(env, *args) for _ in range(count)]
     try:
         return list(await asyncio.gather(*(finish(process) for process in processes)))
     finally:
-        for process in processes:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-
-
-def seed_expired(path: Path, cloud: MockCloud) -> TokenPair:
-    """Write a new login from the cloud, with its access token already expired on disk."""
-    pair = dataclasses.replace(pair_from_cloud(cloud.issue_pair(), cloud.base_url), expires_at=time.time() - 10)
-    TokenStore(path).write(pair)
-    return pair
-
-
-def stored(path: Path) -> TokenPair:
-    """The pair in the store file; fails the test if there is none."""
-    snapshot = TokenStore(path).read()
-    assert snapshot.problem is None
-    assert snapshot.pair is not None
-    return snapshot.pair
+        await kill_running(processes)
 
 
 async def whoami_status(cloud: MockCloud, access_token: str) -> int:
@@ -202,15 +149,6 @@ def lock_is_free(store_path: Path) -> bool:
     return True
 
 
-async def wait_until(condition: object, timeout: float = TIMEOUT) -> None:
-    """Poll ``condition()`` until it is true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
-
-
 async def test_sigkill_during_hung_refresh_releases_the_lock(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
     """A process killed while holding the lock and waiting on a hung token endpoint does not block the next one."""
     seeded = seed_store(store_path, cloud)
@@ -218,7 +156,7 @@ async def test_sigkill_during_hung_refresh_releases_the_lock(cloud: MockCloud, s
     cloud.hang_next_refreshes(1)
     hung = await start_sidecar(env, "token", "--force-refresh", "--store", str(store_path))
     try:
-        await wait_until(lambda: cloud.refresh_calls == 1)
+        await poll_until(lambda: cloud.refresh_calls == 1, TIMEOUT, "the hung refresh reaching the cloud", interval=0.01)
         assert not lock_is_free(store_path)
     finally:
         hung.kill()

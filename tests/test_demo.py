@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import SIDECAR, clean_env
+from conftest import child_env, finish, free_port, kill_running, read_lines_until, start_sidecar
 
 # A cold start (interpreter, mock cloud, login, proxy) takes about a second here.
 START_TIMEOUT = 15.0
@@ -50,13 +50,6 @@ class Demo:
         return [line.strip() for line in self.out.splitlines() if line.strip().startswith("curl ")]
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def xdg(tmp_path: Path) -> Path:
     """An empty XDG config home for the demo process."""
@@ -73,21 +66,7 @@ def _field(out: str, label: str) -> str:
 
 async def read_until_ready(process: asyncio.subprocess.Process, timeout: float = START_TIMEOUT) -> str:
     """Read stdout until the line saying Ctrl-C stops the demo; return all of it."""
-    assert process.stdout is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while not any(READY_MARK in line for line in seen):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"the demo printed no {READY_MARK!r} within {timeout} s; stdout: {''.join(seen)!r}")
-        try:
-            raw = await asyncio.wait_for(process.stdout.readline(), remaining)
-        except TimeoutError:
-            continue
-        if not raw:
-            pytest.fail(f"the demo's stdout closed before {READY_MARK!r}; stdout: {''.join(seen)!r}")
-        seen.append(raw.decode())
-    return "".join(seen)
+    return "".join(await read_lines_until(process.stdout, READY_MARK, timeout, "the demo's stdout"))
 
 
 DemoFactory = Callable[..., Awaitable[Demo]]
@@ -114,23 +93,15 @@ async def spawn_demo(tmp_path: Path, xdg: Path, demo_tmp: Path) -> AsyncIterator
         stderr_path = tmp_path / f"demo-{len(started)}.stderr"
         stderr = open(stderr_path, "wb")  # noqa: SIM115, ASYNC230 - a local file, closed at teardown after the process is gone
         files.append(stderr)
-        env = clean_env(XDG_CONFIG_HOME=str(xdg), TMPDIR=str(demo_tmp))
-        for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
-            env.pop(name, None)
-        process = await asyncio.create_subprocess_exec(
-            *SIDECAR, "demo", "--listen", f"127.0.0.1:{port}", *args,
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-        )
+        env = child_env(xdg, TMPDIR=str(demo_tmp))
+        process = await start_sidecar(env, "demo", "--listen", f"127.0.0.1:{port}", *args, stderr=stderr)
         started.append(process)
         return process, stderr_path
 
     try:
         yield factory
     finally:
-        for process in started:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+        await kill_running(started)
         for file in files:
             file.close()
 
@@ -151,12 +122,8 @@ def start_demo(spawn_demo: Spawn) -> DemoFactory:
 async def stop(demo: Demo, signum: int = signal.SIGINT) -> tuple[int, str]:
     """Signal the demo; return its exit code and the rest of its stdout (fail if it outlives STOP_TIMEOUT)."""
     demo.process.send_signal(signum)
-    try:
-        rest, _ = await asyncio.wait_for(demo.process.communicate(), STOP_TIMEOUT)
-    except TimeoutError:
-        pytest.fail(f"the demo did not exit within {STOP_TIMEOUT} s of signal {signum}")
-    assert demo.process.returncode is not None
-    return demo.process.returncode, rest.decode()
+    run = await finish(demo.process, timeout=STOP_TIMEOUT, what=f"the demo, sent signal {signum},")
+    return run.code, run.out
 
 
 async def get_json(url: str) -> tuple[int, Any]:
@@ -210,14 +177,8 @@ async def run_shell(shell: list[str], command: str, cwd: Path) -> tuple[int, str
     process = await asyncio.create_subprocess_exec(
         *shell, command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"{command!r} did not finish within {START_TIMEOUT} s")
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    run = await finish(process, timeout=START_TIMEOUT, what=repr(command))
+    return run.code, run.out, run.err
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")

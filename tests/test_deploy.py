@@ -10,7 +10,6 @@ import asyncio
 import json
 import re
 import shlex
-import socket
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -18,17 +17,11 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import SIDECAR, clean_env
+from conftest import SIDECAR, clean_env, free_port, kill_running
 from sidecar.config import KEYS, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -91,10 +84,7 @@ class Processes:
 async def processes() -> AsyncIterator[Processes]:
     running = Processes()
     yield running
-    for process in running.started:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+    await kill_running(running.started)
 
 
 def test_example_config_loads_with_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import re
 import signal
-import socket
 import stat
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from conftest import SIDECAR, FakeClock, seed_store
+from conftest import TIMEOUT, FakeClock, Run, finish, free_port, kill_running, poll_until, read_lines_until, seed_store, serving, start_sidecar
 from yarl import URL
 
 from sidecar.errors import LoginError
@@ -34,8 +32,6 @@ from sidecar.mockcloud import MockCloud
 from sidecar.store import TokenStore
 from sidecar.tokens import TokenPair, parse_timestamp
 
-# A cold interpreter importing aiohttp takes well under a second; this bounds a hang.
-TIMEOUT = 20.0
 # The poll flow polls about once a second; a few polls must fit.
 POLL_EXIT_TIMEOUT = 10.0
 # In-process polling: fast enough for many polls in a fraction of a second.
@@ -47,15 +43,6 @@ CODE_PATTERN = re.compile(r"c_[A-Za-z0-9_-]{32}")
 DAY = 86400.0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Run:
-    """What one finished sidecar process did."""
-
-    code: int
-    out: str
-    err: str
-
-
 Start = Callable[..., Awaitable[asyncio.subprocess.Process]]
 
 
@@ -65,51 +52,21 @@ async def start(env: dict[str, str]) -> AsyncIterator[Start]:
     started: list[asyncio.subprocess.Process] = []
 
     async def factory(*args: str, extra_env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(
-            *SIDECAR, *args, env={**env, **(extra_env or {})}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        process = await start_sidecar({**env, **(extra_env or {})}, *args)
         started.append(process)
         return process
 
     try:
         yield factory
     finally:
-        for process in started:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+        await kill_running(started)
 
 
 async def read_until(process: asyncio.subprocess.Process, mark: str, timeout: float = TIMEOUT) -> tuple[str, str]:
     """Read stderr lines until one contains ``mark``; return (everything read, the URL on that line)."""
-    assert process.stderr is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"no line containing {mark!r} within {timeout} s; stderr so far: {''.join(seen)!r}")
-        try:
-            raw = await asyncio.wait_for(process.stderr.readline(), remaining)
-        except TimeoutError:
-            continue
-        if not raw:
-            pytest.fail(f"stderr closed before a line containing {mark!r}; stderr: {''.join(seen)!r}")
-        line = raw.decode()
-        seen.append(line)
-        if mark in line:
-            url = next(word for word in line.split() if mark in word)
-            return "".join(seen), url
-
-
-async def finish(process: asyncio.subprocess.Process, already: str = "", timeout: float = TIMEOUT) -> Run:
-    """Wait for ``process``; fail (the fixture kills it) if it outlives ``timeout``."""
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        pytest.fail(f"sidecar process {process.pid} did not exit within {timeout} s")
-    assert process.returncode is not None
-    return Run(process.returncode, out.decode(), already + err.decode())
+    seen = await read_lines_until(process.stderr, mark, timeout, "stderr")
+    url = next(word for word in seen[-1].split() if mark in word)
+    return "".join(seen), url
 
 
 async def browse(url: str, *, follow: bool = True) -> tuple[int, str, str | None]:
@@ -142,11 +99,14 @@ async def login_through_browser(start: Start, cloud: MockCloud, store_path: Path
     return await finish(process, seen), status, page
 
 
-def closed_port() -> int:
-    """A loopback port that nothing listens on (just released by us)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+async def login_with_forged_state(start: Start, cloud: MockCloud, store_path: Path) -> Run:
+    """Run a callback login whose browser comes back with a state the command did not make; return its Run."""
+    process = await start(*login_args(cloud, store_path))
+    seen, url = await read_until(process, LOGIN_URL_MARK)
+    _, _, location = await browse(url, follow=False)
+    assert location is not None
+    await browse(str(URL(location).update_query(state="forged-state")))
+    return await finish(process, seen)
 
 
 # -- the callback flow, as a subprocess ---------------------------------------
@@ -227,12 +187,7 @@ async def test_login_with_forged_state_gets_400_page(start: Start, cloud: MockCl
 
 async def test_login_with_forged_state_exits_1_naming_state(start: Start, cloud: MockCloud, store_path: Path) -> None:
     """A forged state ends the command with exit 1 and one error line that mentions the state, no traceback."""
-    process = await start(*login_args(cloud, store_path))
-    seen, url = await read_until(process, LOGIN_URL_MARK)
-    _, _, location = await browse(url, follow=False)
-    assert location is not None
-    await browse(str(URL(location).update_query(state="forged-state")))
-    run = await finish(process, seen)
+    run = await login_with_forged_state(start, cloud, store_path)
     assert run.code == 1, run
     errors = error_lines(run.err)
     assert len(errors) == 1, run.err
@@ -244,12 +199,7 @@ async def test_login_with_forged_state_keeps_existing_store(start: Start, cloud:
     """A forged state leaves an existing store byte for byte as it was."""
     seed_store(store_path, cloud)
     seeded = store_path.read_bytes()
-    process = await start(*login_args(cloud, store_path))
-    seen, url = await read_until(process, LOGIN_URL_MARK)
-    _, _, location = await browse(url, follow=False)
-    assert location is not None
-    await browse(str(URL(location).update_query(state="forged-state")))
-    run = await finish(process, seen)
+    run = await login_with_forged_state(start, cloud, store_path)
     assert run.code == 1, run
     assert store_path.read_bytes() == seeded
 
@@ -345,11 +295,7 @@ async def test_login_opens_the_browser_at_the_login_url(start: Start, cloud: Moc
     command, opened = fake_browser
     process = await start("login", "--upstream", cloud.base_url, "--store", str(store_path), extra_env={"BROWSER": command})
     seen, printed = await read_until(process, LOGIN_URL_MARK)
-    deadline = time.monotonic() + TIMEOUT
-    while not (opened.exists() and opened.read_text().strip()):
-        if time.monotonic() > deadline:
-            pytest.fail("the browser was never asked to open the login URL")
-        await asyncio.sleep(0.05)
+    await poll_until(lambda: opened.exists() and opened.read_text().strip(), TIMEOUT, "the browser being asked to open the login URL")
     assert opened.read_text().split() == [printed]
     status, _, _ = await browse(printed)
     run = await finish(process, seen)
@@ -497,23 +443,25 @@ async def test_status_json_after_login_names_alice(start: Start, cloud: MockClou
 
 async def announced(urls: list[str], timeout: float = 5.0) -> str:
     """The first URL a flow announced, waiting for it briefly."""
-    deadline = time.monotonic() + timeout
-    while not urls:
-        if time.monotonic() > deadline:
-            pytest.fail("the flow announced no URL")
-        await asyncio.sleep(0.01)
+    await poll_until(lambda: urls, timeout, "the flow announcing a URL", interval=0.01)
     return urls[0]
+
+
+async def complete_in_browser(login_flow: Coroutine[Any, Any, TokenPair], urls: list[str]) -> tuple[str, int, TokenPair]:
+    """Run ``login_flow`` (it announces into ``urls``), open the URL it announces, and wait for its pair: (URL, page status, pair)."""
+    flow = asyncio.ensure_future(login_flow)
+    try:
+        url = await announced(urls)
+        status, _, _ = await browse(url)
+        return url, status, await asyncio.wait_for(flow, 5.0)
+    finally:
+        flow.cancel()
 
 
 async def test_callback_flow_returns_the_redirected_pair(cloud: MockCloud, clock: FakeClock) -> None:
     """The pair from the cloud's redirect comes back with the upstream as apiUrl and the injected clock as obtainedAt."""
     urls: list[str] = []
-    flow = asyncio.ensure_future(callback_flow(cloud.base_url, timeout=5.0, announce=urls.append, clock=clock))
-    try:
-        status, _, _ = await browse(await announced(urls))
-        pair = await asyncio.wait_for(flow, 5.0)
-    finally:
-        flow.cancel()
+    _, status, pair = await complete_in_browser(callback_flow(cloud.base_url, timeout=5.0, announce=urls.append, clock=clock), urls)
     assert status == 200
     assert isinstance(pair, TokenPair)
     assert pair.access_token is not None and cloud.access_token_valid(pair.access_token)
@@ -525,13 +473,7 @@ async def test_callback_flow_returns_the_redirected_pair(cloud: MockCloud, clock
 async def test_callback_flow_closes_its_listener_afterwards(cloud: MockCloud) -> None:
     """Once the login is done the one-shot callback port refuses connections."""
     urls: list[str] = []
-    flow = asyncio.ensure_future(callback_flow(cloud.base_url, timeout=5.0, announce=urls.append))
-    try:
-        url = await announced(urls)
-        await browse(url)
-        await asyncio.wait_for(flow, 5.0)
-    finally:
-        flow.cancel()
+    url, _, _ = await complete_in_browser(callback_flow(cloud.base_url, timeout=5.0, announce=urls.append), urls)
     callback = URL(URL(url).query["redirect_uri"])
     with pytest.raises(aiohttp.ClientConnectionError):
         await browse(str(callback.with_query(state="late")))
@@ -568,17 +510,9 @@ async def test_callback_flow_non_ascii_state_is_a_state_mismatch(cloud: MockClou
 
 async def test_callback_flow_works_under_a_path_prefix(clock: FakeClock) -> None:
     """An upstream with a path prefix gets the login request under that prefix and the pair names it as apiUrl."""
-    prefixed = MockCloud(prefix="/cloud", clock=clock)
-    await prefixed.start()
     urls: list[str] = []
-    flow = asyncio.ensure_future(callback_flow(prefixed.base_url, timeout=5.0, announce=urls.append))
-    try:
-        url = await announced(urls)
-        status, _, _ = await browse(url)
-        pair = await asyncio.wait_for(flow, 5.0)
-    finally:
-        flow.cancel()
-        await prefixed.stop()
+    async with serving(MockCloud(prefix="/cloud", clock=clock)) as prefixed:
+        url, status, pair = await complete_in_browser(callback_flow(prefixed.base_url, timeout=5.0, announce=urls.append), urls)
     assert url.startswith(prefixed.base_url + "/api/v1/cli/login?")
     assert status == 200
     assert pair.api_url == prefixed.base_url
@@ -614,20 +548,9 @@ async def test_poll_flow_waits_while_pending_then_returns_pair(cloud: MockCloud,
 
 async def test_poll_flow_works_under_a_path_prefix(clock: FakeClock) -> None:
     """An upstream with a path prefix gets the device page and the polls under that prefix."""
-    prefixed = MockCloud(prefix="/cloud", clock=clock)
-    await prefixed.start()
     urls: list[str] = []
-    try:
-        async with aiohttp.ClientSession() as session:
-            flow = asyncio.ensure_future(poll_flow(prefixed.base_url, session, timeout=5.0, announce=urls.append, interval=FAST_INTERVAL))
-            try:
-                url = await announced(urls)
-                status, _, _ = await browse(url)
-                pair = await asyncio.wait_for(flow, 5.0)
-            finally:
-                flow.cancel()
-    finally:
-        await prefixed.stop()
+    async with serving(MockCloud(prefix="/cloud", clock=clock)) as prefixed, aiohttp.ClientSession() as session:
+        url, status, pair = await complete_in_browser(poll_flow(prefixed.base_url, session, timeout=5.0, announce=urls.append, interval=FAST_INTERVAL), urls)
     assert url.startswith(prefixed.base_url + "/cli-login?code=c_")
     assert status == 200
     assert pair.access_token is not None and prefixed.access_token_valid(pair.access_token)
@@ -683,7 +606,7 @@ async def test_poll_flow_unreachable_cloud_is_login_error() -> None:
     """A cloud that refuses the connection raises LoginError saying it could not be reached."""
     async with aiohttp.ClientSession() as session:
         with pytest.raises(LoginError, match="could not be reached"):
-            await asyncio.wait_for(poll_flow(f"http://127.0.0.1:{closed_port()}", session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL), 5.0)
+            await asyncio.wait_for(poll_flow(f"http://127.0.0.1:{free_port()}", session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL), 5.0)
 
 
 def test_one_time_code_is_c_and_24_random_bytes_base64url() -> None:

@@ -18,33 +18,24 @@ import orjson
 import pytest
 from yarl import URL
 
+from conftest import FakeClock, serving
 from sidecar.mockcloud import MockCloud
 
 REFRESH = "/api/v1/auth/token/refresh"
 ECHO = "/api/v1/echo"
 
 
-class FakeClock:
-    """A clock that moves only when a test says so."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    """A fixed moment, so expiry timestamps here do not depend on the wall clock."""
+    return FakeClock(1_800_000_000.0)
 
 
 @pytest.fixture
 async def cloud(clock: FakeClock) -> AsyncIterator[MockCloud]:
-    mock = MockCloud(access_ttl=3600.0, refresh_ttl=7200.0, clock=clock)
-    await mock.start()
-    yield mock
-    await mock.stop()
+    """The mock cloud with short TTLs; its tokens are not part of the teardown leak check."""
+    async with serving(MockCloud(access_ttl=3600.0, refresh_ttl=7200.0, clock=clock)) as mock:
+        yield mock
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ fake clock the proxy and the cloud share, never by sleeping.
 
 Forwarding (paths, headers, framing, streams) is in test_proxy_forwarding.py;
 local endpoints, metrics and the access log in test_proxy_local.py.  Both
-import the helpers below.
+import the helpers below; the ``client``, ``login`` and ``proxy`` fixtures
+are in conftest.py.
 """
 
 from __future__ import annotations
@@ -145,27 +146,6 @@ async def wait_for_log_lines(proxy: RunningProxy, count: int) -> list[dict[str, 
             return lines
         await asyncio.sleep(0.01)
     raise AssertionError(f"expected {count} access-log lines, got {log_lines(proxy)}")
-
-
-# The fixtures carry explicit names so the other test_proxy_*.py files can
-# import them without their parameters shadowing the import.
-@pytest.fixture(name="client")
-async def client_fixture() -> AsyncIterator[aiohttp.ClientSession]:
-    """A client with no connection limit that never decompresses."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False) as session:
-        yield session
-
-
-@pytest.fixture(name="login")
-def login_fixture(store_path: Path, cloud: MockCloud, clock: FakeClock) -> TokenPair:
-    """A fresh login at the mock cloud, in the store."""
-    return seed_store(store_path, cloud, obtained_at=clock())
-
-
-@pytest.fixture(name="proxy")
-async def proxy_fixture(login: TokenPair, make_proxy: ProxyFactory) -> RunningProxy:
-    """A proxy in front of the mock cloud, logged in."""
-    return await make_proxy()
 
 
 # -- the problem responses of SPEC §4 ---------------------------------------

@@ -19,18 +19,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store
+from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store, serving
 from sidecar.mockcloud import MockCloud
 from sidecar.tokens import TokenPair
-from test_proxy import (  # noqa: F401 - the *_fixture names are fixtures
-    authority,
-    client_fixture,
-    fetch,
-    login_fixture,
-    proxy_fixture,
-    raw_get,
-    raw_request,
-)
+from test_proxy import authority, fetch, raw_get, raw_request
 
 # Every hop-by-hop header the header test sends, and one named in Connection.
 HOP_BY_HOP_SENT = ("Connection", "X-Drop-Me", "Keep-Alive", "TE", "Proxy-Authorization", "Proxy-Connection")
@@ -83,12 +75,8 @@ class RecordingUpstream:
 @pytest.fixture
 async def prefix_cloud(clock: FakeClock) -> AsyncIterator[MockCloud]:
     """A mock cloud that lives under /cloud."""
-    mock = MockCloud(clock=clock, prefix="/cloud")
-    await mock.start()
-    try:
+    async with serving(MockCloud(clock=clock, prefix="/cloud")) as mock:
         yield mock
-    finally:
-        await mock.stop()
 
 
 @pytest.fixture

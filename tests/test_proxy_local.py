@@ -8,23 +8,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import FakeClock, ProxyFactory, RunningProxy
+from conftest import ACCESS_LOG_KEYS, FakeClock, ProxyFactory, RunningProxy
 from sidecar.mockcloud import MockCloud
 from sidecar.tokens import TokenPair, format_timestamp, parse_timestamp
-from test_proxy import (  # noqa: F401 - the *_fixture names are fixtures
-    PAST_EXPIRY,
-    assert_problem,
-    client_fixture,
-    fetch,
-    login_fixture,
-    proxy_fixture,
-    raw_get,
-    raw_request,
-    stored_tokens,
-    wait_for_log_lines,
-)
-
-ACCESS_LOG_KEYS = {"ts", "method", "path", "status", "upstream_status", "duration_ms", "retried", "refreshed"}
+from test_proxy import PAST_EXPIRY, assert_problem, fetch, raw_get, raw_request, stored_tokens, wait_for_log_lines
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -12,30 +12,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
 import signal
 import stat
-import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from conftest import SIDECAR, pair_from_cloud, seed_store
-
+from conftest import (
+    ACCESS_LOG_KEYS,
+    TIMEOUT,
+    assert_one_line_failure,
+    kill_running,
+    poll_until,
+    run_sidecar,
+    seed_expired,
+    seed_store,
+    start_sidecar,
+    stored,
+)
 from sidecar.mockcloud import MockCloud
 from sidecar.store import TokenStore
-from sidecar.tokens import TokenPair
 
-# Generous for a cold interpreter on a loaded CI box; a hang still fails fast.
-TIMEOUT = 20.0
 # How long a starting serve may take to answer /_sidecar/health.
 READY_TIMEOUT = 10.0
 # SPEC §3: a running serve notices other processes' store changes "within a
@@ -55,17 +60,7 @@ TEARDOWN_ALLOWANCE = 1.0
 DRAIN_BOUND = 6.0
 # Requests per serve in the two-process test: enough to pile up on one refresh.
 CONCURRENT = 20
-ACCESS_LOG_KEYS = {"ts", "method", "path", "status", "upstream_status", "duration_ms", "retried", "refreshed"}
 ECHO = "/api/v1/echo"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Run:
-    """What one short-lived sidecar process did."""
-
-    code: int
-    out: str
-    err: str
 
 
 class Served:
@@ -141,9 +136,7 @@ class Served:
 
     async def kill(self) -> None:
         """Kill the child if it still runs, and stop reading its output."""
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
+        await kill_running([self.process])
         for reader in self._readers:
             reader.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
@@ -154,12 +147,6 @@ async def _drain(stream: asyncio.StreamReader, sink: bytearray) -> None:
         sink += chunk
 
 
-async def _spawn(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *SIDECAR, *args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-
-
 @contextlib.asynccontextmanager
 async def running_serve(env: dict[str, str], listen: str, *args: str, ready: bool = True) -> AsyncIterator[Served]:
     """Start ``sidecar serve --listen LISTEN ARGS``, wait until healthy, and always kill it afterwards."""
@@ -168,50 +155,13 @@ async def running_serve(env: dict[str, str], listen: str, *args: str, ready: boo
     else:
         # Traffic goes to loopback only, even when serve binds 0.0.0.0.
         base_url, unix_path = f"http://127.0.0.1:{listen.rpartition(':')[2]}", None
-    served = Served(await _spawn(env, "serve", "--listen", listen, *args), base_url, unix_path)
+    served = Served(await start_sidecar(env, "serve", "--listen", listen, *args), base_url, unix_path)
     try:
         if ready:
             await served.wait_ready()
         yield served
     finally:
         await served.kill()
-
-
-async def run_sidecar(env: dict[str, str], *args: str, timeout: float = TIMEOUT) -> Run:
-    """Run ``sidecar ARGS`` to completion; kill it and fail if it outlives ``timeout``."""
-    process = await _spawn(env, *args)
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"sidecar {' '.join(args)} did not finish within {timeout} s")
-    assert process.returncode is not None
-    return Run(process.returncode, out.decode(), err.decode())
-
-
-async def poll_until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Await ``condition`` every POLL_INTERVAL until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(POLL_INTERVAL)
-
-
-def stored(path: Path) -> TokenPair:
-    """The pair in the store file; fails the test if there is none."""
-    snapshot = TokenStore(path).read()
-    assert snapshot.problem is None
-    assert snapshot.pair is not None
-    return snapshot.pair
-
-
-def seed_expired(path: Path, cloud: MockCloud) -> TokenPair:
-    """Write a new login from the cloud, with its access token already expired on disk."""
-    pair = dataclasses.replace(pair_from_cloud(cloud.issue_pair(), cloud.base_url), expires_at=time.time() - 10)
-    TokenStore(path).write(pair)
-    return pair
 
 
 def access_lines(stderr: str) -> list[dict[str, Any]]:
@@ -232,13 +182,6 @@ async def status_of(served: Served, session: aiohttp.ClientSession) -> int:
         return response.status
 
 
-def assert_one_line_failure(run: Run, code: int) -> None:
-    """Exit ``code`` with exactly one line on stderr and no traceback."""
-    assert run.code == code, run
-    assert "Traceback" not in run.err, run.err
-    assert len(run.err.strip().splitlines()) == 1, run.err
-
-
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:
     """A short directory under /tmp: unix socket paths must fit in 108 bytes."""
@@ -255,34 +198,34 @@ def socket_dir() -> Iterator[Path]:
 SIGNALS = pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 
 
-async def _slow_request_in_flight(served: Served, cloud: MockCloud, session: aiohttp.ClientSession) -> asyncio.Task[tuple[int, bytes]]:
-    """Start a slow request through the proxy and return once the cloud is handling it."""
+@contextlib.asynccontextmanager
+async def _slow_request_in_flight(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> AsyncIterator[tuple[Served, asyncio.Task[tuple[int, bytes]]]]:
+    """A logged-in serve, and a slow request through it that the cloud is handling now."""
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served, served.session() as session:
 
-    async def slow() -> tuple[int, bytes]:
-        async with session.get(f"{served.base_url}/api/v1/slow?seconds={SLOW_SECONDS}") as response:
-            return response.status, await response.read()
+        async def slow() -> tuple[int, bytes]:
+            async with session.get(f"{served.base_url}/api/v1/slow?seconds={SLOW_SECONDS}") as response:
+                return response.status, await response.read()
 
-    seen = cloud.requests_seen
-    task = asyncio.ensure_future(slow())
+        seen = cloud.requests_seen
+        task = asyncio.ensure_future(slow())
 
-    async def arrived() -> bool:
-        if task.done():
-            pytest.fail(f"the slow request finished early: {task.result()}")
-        return cloud.requests_seen > seen
+        async def arrived() -> bool:
+            if task.done():
+                pytest.fail(f"the slow request finished early: {task.result()}")
+            return cloud.requests_seen > seen
 
-    await poll_until(arrived, READY_TIMEOUT, "the slow request reaching the cloud")
-    return task
+        await poll_until(arrived, READY_TIMEOUT, "the slow request reaching the cloud")
+        yield served, task
 
 
 @SIGNALS
 async def test_in_flight_request_completes_after_signal(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
     """A request in flight when the signal arrives still gets its 200 and full body."""
-    seed_store(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
-        async with served.session() as session:
-            slow = await _slow_request_in_flight(served, cloud, session)
-            served.process.send_signal(signum)
-            status, body = await asyncio.wait_for(slow, TIMEOUT)
+    async with _slow_request_in_flight(cloud, store_path, env, listen) as (served, slow):
+        served.process.send_signal(signum)
+        status, body = await asyncio.wait_for(slow, TIMEOUT)
     assert status == 200
     assert json.loads(body) == {"slept": SLOW_SECONDS}
 
@@ -290,12 +233,9 @@ async def test_in_flight_request_completes_after_signal(cloud: MockCloud, store_
 @SIGNALS
 async def test_serve_exits_0_after_signal_with_request_in_flight(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
     """SIGTERM or SIGINT with a request in flight ends serve with exit code 0 once the request is done."""
-    seed_store(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
-        async with served.session() as session:
-            slow = await _slow_request_in_flight(served, cloud, session)
-            code = await served.stop(signum)
-            status, _ = await asyncio.wait_for(slow, TIMEOUT)
+    async with _slow_request_in_flight(cloud, store_path, env, listen) as (served, slow):
+        code = await served.stop(signum)
+        status, _ = await asyncio.wait_for(slow, TIMEOUT)
     assert code == 0, served.stderr
     assert status == 200
 
@@ -303,25 +243,33 @@ async def test_serve_exits_0_after_signal_with_request_in_flight(cloud: MockClou
 @SIGNALS
 async def test_new_connections_refused_after_signal(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
     """While serve drains after a signal, a new connection is refused and nothing more is forwarded."""
-    seed_store(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
-        async with served.session() as session:
-            slow = await _slow_request_in_flight(served, cloud, session)
-            forwarded = cloud.requests_seen
-            served.process.send_signal(signum)
-            await served.wait_for_stderr("shutting down")
-            # A fresh session: a pooled keep-alive connection would not be a new connection.
-            async with served.session() as late:
-                with pytest.raises(aiohttp.ClientConnectionError):
-                    async with late.get(served.base_url + ECHO) as response:
-                        pytest.fail(f"a connection made after the signal was served: {response.status}")
-            assert not slow.done(), "the refusal must happen while the old request is still in flight"
-            await slow
+    async with _slow_request_in_flight(cloud, store_path, env, listen) as (served, slow):
+        forwarded = cloud.requests_seen
+        served.process.send_signal(signum)
+        await served.wait_for_stderr("shutting down")
+        # A fresh session: a pooled keep-alive connection would not be a new connection.
+        async with served.session() as late:
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with late.get(served.base_url + ECHO) as response:
+                    pytest.fail(f"a connection made after the signal was served: {response.status}")
+        assert not slow.done(), "the refusal must happen while the old request is still in flight"
+        await slow
     assert cloud.requests_seen == forwarded
 
 
-async def _drain_time_after_sigterm(served: Served, cloud: MockCloud) -> tuple[int | None, float]:
-    """SIGTERM a serve whose only request takes far longer than any drain; exit code (None: still running) and seconds to exit."""
+async def _drain_time_after_sigterm(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, shutdown_timeout: str) -> tuple[int | None, float, Served]:
+    """SIGTERM a logged-in serve with ``--shutdown-timeout`` whose only request takes far longer than any drain.
+
+    Its exit code (None: still running), the seconds it took to exit, and the serve.
+    """
+    seed_store(store_path, cloud)
+    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", shutdown_timeout) as served:
+        code, seconds = await _sigterm_during_endless_request(served, cloud)
+    return code, seconds, served
+
+
+async def _sigterm_during_endless_request(served: Served, cloud: MockCloud) -> tuple[int | None, float]:
+    """SIGTERM ``served`` while its only request takes far longer than any drain; exit code (None: still running) and seconds to exit."""
     async with served.session() as session:
 
         async def endless() -> None:
@@ -351,26 +299,20 @@ async def _drain_time_after_sigterm(served: Served, cloud: MockCloud) -> tuple[i
 
 async def test_request_outlasting_shutdown_timeout_is_cut_and_serve_exits_0(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
     """A request longer than shutdown_timeout does not keep serve alive: it still exits 0, well before the request would end."""
-    seed_store(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", "0.5") as served:
-        code, seconds = await _drain_time_after_sigterm(served, cloud)
+    code, seconds, served = await _drain_time_after_sigterm(cloud, store_path, env, listen, "0.5")
     assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
 
 
 async def test_drain_after_sigterm_takes_at_most_shutdown_timeout(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
     """After SIGTERM, serve exits within shutdown_timeout (plus process teardown), not twice that."""
-    seed_store(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", str(DRAIN_TIMEOUT)) as served:
-        code, seconds = await _drain_time_after_sigterm(served, cloud)
+    code, seconds, served = await _drain_time_after_sigterm(cloud, store_path, env, listen, str(DRAIN_TIMEOUT))
     assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
     assert seconds < DRAIN_TIMEOUT + TEARDOWN_ALLOWANCE, f"exited {seconds:.2f} s after SIGTERM with shutdown_timeout {DRAIN_TIMEOUT}"
 
 
 async def test_shutdown_timeout_zero_exits_without_waiting(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
     """With shutdown_timeout 0, SIGTERM ends serve promptly instead of waiting for in-flight requests."""
-    seed_store(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", "0") as served:
-        code, seconds = await _drain_time_after_sigterm(served, cloud)
+    code, seconds, served = await _drain_time_after_sigterm(cloud, store_path, env, listen, "0")
     assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
     assert seconds < TEARDOWN_ALLOWANCE
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 import asyncio
 import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store
-from sidecar.mockcloud import MockCloud
+from conftest import ProxyFactory, RunningProxy
 from sidecar.tokens import TokenPair
-from sidecar.upstream import UpstreamPool, UpstreamTimeout, UpstreamUnreachable
+from sidecar.upstream import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 
 T = TypeVar("T")
 
@@ -177,13 +175,8 @@ async def pool_for() -> AsyncIterator[PoolFactory]:
 
 
 @pytest.fixture
-def login(store_path: Path, cloud: MockCloud, clock: FakeClock) -> TokenPair:
-    """A valid login in the store, so the proxy has a token without touching any upstream."""
-    return seed_store(store_path, cloud, obtained_at=clock())
-
-
-@pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """Unlike conftest's ``client``, one with aiohttp's default connection limit."""
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
 
@@ -199,9 +192,47 @@ def answer_each(response: bytes) -> Script:
     return script
 
 
+def answer_in_turn(*responses: bytes) -> Script:
+    """A script that answers the requests it reads with ``responses``, one each, in order."""
+    remaining = iter(responses)
+
+    async def script(conn: Conn) -> None:
+        while True:
+            await conn.request()
+            await conn.send(next(remaining))
+
+    return script
+
+
+def answer_once(*pieces: bytes, then: Literal["request", "eof", "close"], pause: float = 0.02) -> Script:
+    """A script that reads one request and writes ``pieces``, ``pause`` seconds apart.
+
+    Then it reads the next request (``"request"``), reads until the client
+    closes (``"eof"``), or closes the connection at once (``"close"``).
+    """
+
+    async def script(conn: Conn) -> None:
+        await conn.request()
+        for index, piece in enumerate(pieces):
+            if index:
+                await asyncio.sleep(pause)
+            await conn.send(piece)
+        if then == "request":
+            await conn.request()
+        elif then == "eof":
+            await conn.until_eof()
+
+    return script
+
+
+async def send(pool: UpstreamPool, head: bytes = GET, *, head_only: bool = False, seconds: float = GUARD) -> UpstreamResponse:
+    """One bodiless request through ``pool``: the response as send returns it, body unread; a hang past ``seconds`` fails."""
+    return await within(pool.send(head, None, chunked=False, head_only=head_only), seconds)
+
+
 async def get(pool: UpstreamPool, head: bytes = GET, *, head_only: bool = False) -> bytes:
     """One bodiless request through ``pool``; the body read whole, the connection released."""
-    response = await within(pool.send(head, None, chunked=False, head_only=head_only))
+    response = await send(pool, head, head_only=head_only)
     try:
         return await within(response.read_all(2.0))
     finally:
@@ -264,13 +295,7 @@ async def test_connection_close_response_is_not_reused(upstream: StartUpstream, 
 
 async def test_connection_close_response_closes_the_socket(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """Releasing a Connection: close response closes the client's side of the socket."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await conn.until_eof()
-
-    server = await upstream(script)
+    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", then="eof"))
     assert await get(pool_for(server)) == b"ok"
     await within(server.conns[0].eof.wait(), 2)
 
@@ -382,14 +407,7 @@ async def test_head_response_with_content_length_completes_without_a_body(upstre
 
 async def test_connection_is_reused_after_a_head_response(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """After a HEAD answer with Content-Length: 1000 and no body, the same connection carries the next GET correctly."""
-    responses = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", OK])
-
-    async def script(conn: Conn) -> None:
-        while True:
-            await conn.request()
-            await conn.send(next(responses))
-
-    server = await upstream(script)
+    server = await upstream(answer_in_turn(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", OK))
     pool = pool_for(server)
     assert await get(pool, b"HEAD /n HTTP/1.1\r\nHost: up\r\n\r\n", head_only=True) == b""
     assert await get(pool) == b"ok"
@@ -407,14 +425,7 @@ async def test_connection_is_reused_after_a_head_response(upstream: StartUpstrea
 )
 async def test_no_content_responses_complete_and_keep_the_connection(upstream: StartUpstream, pool_for: PoolFactory, answer: bytes) -> None:
     """204 and 304 answers complete with an empty body, and the connection carries the next request."""
-    responses = iter([answer, OK])
-
-    async def script(conn: Conn) -> None:
-        while True:
-            await conn.request()
-            await conn.send(next(responses))
-
-    server = await upstream(script)
+    server = await upstream(answer_in_turn(answer, OK))
     pool = pool_for(server)
     assert await get(pool) == b""
     assert await get(pool) == b"ok"
@@ -423,18 +434,15 @@ async def test_no_content_responses_complete_and_keep_the_connection(upstream: S
 
 async def test_interim_responses_are_skipped_for_the_final_one(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """100 Continue and 103 Early Hints are passed over; send returns the final 200 with its own headers and body."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        await asyncio.sleep(0.02)
-        await conn.send(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
-        await asyncio.sleep(0.02)
-        await conn.send(b"HTTP/1.1 200 Fine\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nhello")
-        await conn.request()
-
-    server = await upstream(script)
-    response = await within(pool_for(server).send(GET, None, chunked=False, head_only=False))
+    server = await upstream(
+        answer_once(
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+            b"HTTP/1.1 200 Fine\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nhello",
+            then="request",
+        )
+    )
+    response = await send(pool_for(server))
     assert (response.status, response.reason) == (200, b"Fine")
     assert response.headers == [(b"Content-Length", b"5"), (b"X-Final", b"yes")]
     assert await within(response.read_all(2.0)) == b"hello"
@@ -446,30 +454,16 @@ async def test_interim_responses_are_skipped_for_the_final_one(upstream: StartUp
 
 async def test_chunked_response_body_is_reassembled(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """A chunked body, with a chunk extension and split across writes, is read back as the plain bytes."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhel")
-        await asyncio.sleep(0.02)
-        await conn.send(b"lo\r\n6\r\n world\r\n")
-        await asyncio.sleep(0.02)
-        await conn.send(b"0\r\n\r\n")
-        await conn.request()
-
-    server = await upstream(script)
+    server = await upstream(
+        answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhel", b"lo\r\n6\r\n world\r\n", b"0\r\n\r\n", then="request")
+    )
     assert await get(pool_for(server)) == b"hello world"
 
 
 async def test_chunked_trailer_fields_are_not_merged_into_headers(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """Trailer fields after the last chunk never show up in the response's header section (RFC 9110 §6.5.1)."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n")
-        await conn.request()
-
-    server = await upstream(script)
-    response = await within(pool_for(server).send(GET, None, chunked=False, head_only=False))
+    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n", then="request"))
+    response = await send(pool_for(server))
     assert await within(response.read_all(2.0)) == b"hello"
     response.release()
     assert response.headers == [(b"Transfer-Encoding", b"chunked")]
@@ -477,15 +471,8 @@ async def test_chunked_trailer_fields_are_not_merged_into_headers(upstream: Star
 
 async def test_body_without_length_is_read_until_close(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """With neither Content-Length nor chunked, the body is everything up to the server's close, and the connection is not kept."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ")
-        await asyncio.sleep(0.02)
-        await conn.send(b"second")
-
-    server = await upstream(script)
-    response = await within(pool_for(server).send(GET, None, chunked=False, head_only=False))
+    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ", b"second", then="close"))
+    response = await send(pool_for(server))
     assert not response.keep_alive
     assert await within(response.read_all(2.0)) == b"first second"
     response.release()
@@ -493,13 +480,8 @@ async def test_body_without_length_is_read_until_close(upstream: StartUpstream, 
 
 async def test_upstream_close_mid_body_is_unreachable(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """Content-Length: 1000 with 10 bytes then a close makes read_all fail with UpstreamUnreachable, not return 10 bytes."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
-
-    server = await upstream(script)
-    response = await within(pool_for(server).send(GET, None, chunked=False, head_only=False))
+    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789", then="close"))
+    response = await send(pool_for(server))
     with pytest.raises(UpstreamUnreachable):
         await within(response.read_all(2.0))
     response.release()
@@ -515,27 +497,15 @@ async def test_upstream_close_mid_body_is_unreachable(upstream: StartUpstream, p
 )
 async def test_malformed_response_is_unreachable(upstream: StartUpstream, pool_for: PoolFactory, garbage: bytes) -> None:
     """An answer that is not HTTP/1.1 makes send fail with UpstreamUnreachable."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(garbage)
-        await conn.until_eof()
-
-    server = await upstream(script)
+    server = await upstream(answer_once(garbage, then="eof"))
     with pytest.raises(UpstreamUnreachable):
-        await within(pool_for(server).send(GET, None, chunked=False, head_only=False))
+        await send(pool_for(server))
 
 
 async def test_stall_mid_body_times_out(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """Headers and 10 body bytes then silence: the next read raises UpstreamTimeout after the read timeout."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
-        await conn.until_eof()
-
-    server = await upstream(script)
-    response = await within(pool_for(server, read_timeout=SHORT).send(GET, None, chunked=False, head_only=False))
+    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789", then="eof"))
+    response = await send(pool_for(server, read_timeout=SHORT))
     assert await within(response.read(SHORT)) == b"0123456789"
     with pytest.raises(UpstreamTimeout):
         await within(response.read(SHORT), 2)
@@ -544,14 +514,9 @@ async def test_stall_mid_body_times_out(upstream: StartUpstream, pool_for: PoolF
 
 async def test_unanswered_request_times_out(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """A server that reads the request and never answers makes send raise UpstreamTimeout."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.until_eof()
-
-    server = await upstream(script)
+    server = await upstream(answer_once(then="eof"))
     with pytest.raises(UpstreamTimeout):
-        await within(pool_for(server, read_timeout=SHORT).send(GET, None, chunked=False, head_only=False), 2)
+        await send(pool_for(server, read_timeout=SHORT), seconds=2)
 
 
 async def test_upload_the_upstream_never_reads_times_out(upstream: StartUpstream, pool_for: PoolFactory) -> None:
@@ -612,7 +577,7 @@ async def test_slow_consumer_keeps_the_buffer_under_a_mebibyte(upstream: StartUp
     """Reading a 50 MiB body slowly, UpstreamResponse.buffered never exceeds 1 MiB."""
     size = 50 * MIB
     server = await upstream(Firehose(size))
-    response = await within(pool_for(server).send(GET, None, chunked=False, head_only=False))
+    response = await send(pool_for(server))
     samples: list[int] = []
 
     async def sample() -> None:
@@ -646,7 +611,7 @@ async def test_slow_consumer_stalls_the_upstream_writes(upstream: StartUpstream,
     size = 50 * MIB
     firehose = Firehose(size)
     server = await upstream(firehose)
-    response = await within(pool_for(server).send(GET, None, chunked=False, head_only=False))
+    response = await send(pool_for(server))
     try:
         assert await within(response.read(2.0))
         last = -1
@@ -706,12 +671,7 @@ async def read_body(pool: UpstreamPool, head: bytes, body: Any, chunked: bool) -
 
 async def test_proxy_answers_502_for_a_malformed_response(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
     """Garbage from the upstream becomes a 502 problem+json with X-Sidecar-Error: upstream-unreachable."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"garbage\r\n\r\n")
-
-    server = await upstream(script)
+    server = await upstream(answer_once(b"garbage\r\n\r\n", then="close"))
     proxy = await make_proxy(upstream=server.url)
     async with client.get(proxy.url + "/x") as response:
         assert response.status == 502
@@ -722,12 +682,7 @@ async def test_proxy_answers_502_for_a_malformed_response(login: TokenPair, make
 
 async def test_proxy_answers_504_when_the_head_never_comes(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
     """An upstream that never answers becomes a 504 problem+json with X-Sidecar-Error: upstream-timeout."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.until_eof()
-
-    server = await upstream(script)
+    server = await upstream(answer_once(then="eof"))
     proxy = await make_proxy(upstream=server.url, read_timeout=SHORT)
     async with client.get(proxy.url + "/x") as response:
         assert response.status == 504
@@ -783,12 +738,7 @@ async def test_proxy_serves_the_next_request_after_a_stalled_body(login: TokenPa
 
 async def test_proxy_client_sees_an_error_when_the_upstream_closes_mid_body(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
     """Content-Length: 1000, 10 bytes, then the upstream closes: the client gets a payload error, not a 10-byte success."""
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
-
-    server = await upstream(script)
+    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789", then="close"))
     proxy = await make_proxy(upstream=server.url)
     async with client.get(proxy.url + "/x") as response:
         with pytest.raises(aiohttp.ClientPayloadError):

@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 
 from sidecar.mockcloud import MockCloud
-from conftest import SIDECAR
-from test_serve import Served, running_serve, seed_expired, status_of
+from conftest import run_sidecar, seed_expired
+from test_serve import Served, running_serve, status_of
 
 WORKERS = 2
 REQUESTS = 100
@@ -93,10 +93,6 @@ async def test_workers_stop_when_the_parent_is_killed(cloud: MockCloud, store_pa
 
 async def test_workers_with_unix_socket_is_a_config_error(cloud: MockCloud, store_path: Path, env: dict[str, str], tmp_path: Path) -> None:
     """--workers 2 with a unix socket exits 2 with one line naming workers."""
-    process = await asyncio.create_subprocess_exec(
-        *SIDECAR, "serve", "--workers", "2", "--listen", f"unix:{tmp_path}/s.sock", "--store", str(store_path), "--upstream", cloud.base_url,
-        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode == 2
-    assert err.decode().strip().count("\n") == 0 and "workers" in err.decode()
+    run = await run_sidecar(env, "serve", "--workers", "2", "--listen", f"unix:{tmp_path}/s.sock", "--store", str(store_path), "--upstream", cloud.base_url)
+    assert run.code == 2
+    assert run.err.strip().count("\n") == 0 and "workers" in run.err
