@@ -29,26 +29,11 @@ from sidecar.store import TokenStore
 
 log = logging.getLogger("sidecar.app")
 
-# Reads from the upstream in pieces this big: fewer, larger writes for bulk
-# bodies; SSE and small responses are not delayed by it (readany).
-READ_BUFSIZE = 256 * 1024
 
 
+# At shutdown a refresh in flight gets at least this long to finish and save.
+SAVE_REFRESH_SECONDS = 5.0
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-
-class VerbatimRequest(aiohttp.ClientRequest):
-    """A client request that adds no ``Content-Length: 0`` to a body-less POST/DELETE.
-
-    aiohttp adds one for methods that usually carry a body; a proxy must send
-    the client's framing as it came (none at all, here).
-    """
-
-    def update_body_from_data(self, body: object, *args: object, **kwargs: object) -> None:
-        if body is None:
-            self._body = None
-            return
-        super().update_body_from_data(body, *args, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(slots=True)
@@ -70,16 +55,14 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
         connector=connector,
         # aiohttp adds these unless told not to; the client's own pass as sent.
         skip_auto_headers=SKIP_AUTO_HEADERS,
-        request_class=VerbatimRequest,
         cookie_jar=aiohttp.DummyCookieJar(),  # never replay one client's cookies to another
         auto_decompress=False,
-        read_bufsize=READ_BUFSIZE,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout),
         trust_env=False,
     )
 
 
-def _recorder(metrics: Metrics, access_log: AccessLog, relogin_status: int) -> Callable[[web.BaseRequest, Outcome, float], None]:
+def _recorder(metrics: Metrics, access_log: AccessLog) -> Callable[[web.BaseRequest, Outcome, float], None]:
     def record(request: web.BaseRequest, outcome: Outcome, seconds: float) -> None:
         metrics.request(outcome.status, outcome.upstream_seconds, outcome.retried, outcome.error == "relogin-required")
         if access_log.enabled:
@@ -101,9 +84,16 @@ async def running_sidecar(
     """Everything ``serve`` runs, minus the listening sockets."""
     session = client_session(settings)
     metrics = Metrics()
-    manager = TokenManager(TokenStore(settings.store), make_refresher(session, settings), leeway=settings.leeway, clock=clock, observer=metrics.refresh)
+    manager = TokenManager(
+        TokenStore(settings.store),
+        make_refresher(session, settings),
+        leeway=settings.leeway,
+        clock=clock,
+        observer=metrics.refresh,
+        refresh_in_background=True,
+    )
     access_log = AccessLog(log_stream, settings.log_format, enabled=settings.log_level in ("debug", "info"))
-    proxy = Proxy(settings, manager, session, LocalEndpoints(manager, settings, metrics, clock), _recorder(metrics, access_log, settings.relogin_status))
+    proxy = Proxy(settings, manager, session, LocalEndpoints(manager, settings, metrics, clock), _recorder(metrics, access_log))
     server = web.Server(proxy.handle, handler_cancellation=True, auto_decompress=False, access_log=None)
     background = asyncio.get_running_loop().create_task(manager.run_proactive()) if proactive else None
     try:
@@ -114,4 +104,6 @@ async def running_sidecar(
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
+        # A refresh in flight has spent the old token: let it save the new one.
+        await manager.aclose(max(settings.shutdown_timeout, SAVE_REFRESH_SECONDS))
         await session.close()

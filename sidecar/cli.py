@@ -100,6 +100,18 @@ def _settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings
     return load_settings(flags, env, getattr(args, "config", None))
 
 
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; an exception adds its type name only.
+
+    Exception texts and tracebacks can quote request lines, headers or
+    response bodies, so they appear only at --log-level debug.
+    """
+    message = record.getMessage()
+    if record.exc_info and record.exc_info[0] is not None and logging.getLogger().level > logging.DEBUG:
+        message = f"{message} ({record.exc_info[0].__name__})"
+    return message
+
+
 class _JsonFormatter(logging.Formatter):
     """Log records as JSON lines, matching the access log's shape."""
 
@@ -108,14 +120,21 @@ class _JsonFormatter(logging.Formatter):
 
         from sidecar.tokens import format_timestamp
 
-        return orjson.dumps({"ts": format_timestamp(record.created), "level": record.levelname.lower(), "message": record.getMessage()}).decode()
+        return orjson.dumps({"ts": format_timestamp(record.created), "level": record.levelname.lower(), "message": _message(record)}).decode()
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if logging.getLogger().level <= logging.DEBUG:
+            return "sidecar: " + super().format(record)
+        return "sidecar: " + _message(record)
 
 
 def _setup_logging(settings: Settings, command: str) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     json_lines = command == "serve" and (settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty()))
-    handler.setFormatter(_JsonFormatter() if json_lines else logging.Formatter("sidecar: %(message)s"))
+    handler.setFormatter(_JsonFormatter() if json_lines else _TextFormatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     if command not in _LONG_RUNNING and level > logging.DEBUG:
@@ -123,8 +142,11 @@ def _setup_logging(settings: Settings, command: str) -> None:
         # manager's running commentary would say everything twice.
         level = max(level, logging.ERROR)
     root.setLevel(level)
-    # aiohttp's own access log is replaced by ours in serve.
+    # aiohttp's own access log is replaced by ours in serve; its server log
+    # quotes malformed request lines and headers (cookies, tokens) verbatim.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if level > logging.DEBUG:
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -117,9 +117,20 @@ def _parse_str(key: str, value: object) -> str:
 
 
 def _parse_url(key: str, value: object) -> str:
+    """An http(s) URL with a host and a valid port, and no credentials in it."""
+    from yarl import URL
+
     text = _parse_str(key, value).strip()
-    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1].split("/", 1)[0]) == 0:
-        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {_describe(value)}")
+    try:
+        url = URL(text)
+        port = url.port
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: not a valid URL") from None
+    if url.scheme not in ("http", "https") or not url.host or port is None:
+        raise ConfigError(f"{key}: expected an http:// or https:// URL with a host")
+    if url.user is not None or url.password is not None:
+        # They would travel into logs, status and hints; tokens are the credentials here.
+        raise ConfigError(f"{key}: must not contain a user name or password")
     return text
 
 
@@ -237,7 +248,7 @@ def load_settings(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
 
-    path, _explicit = config_file_path(config_path, env)
+    path, _ = config_file_path(config_path, env)
     if path is not None:
         for key, value in read_toml(path).items():
             if key not in _PARSERS:

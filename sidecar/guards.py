@@ -39,7 +39,9 @@ def path_escapes(path: str) -> bool:
         if "\\" in decoded or "\x00" in decoded:
             return True
         for segment in decoded.split("/"):
-            if segment == "." or segment == "..":
+            # "..;x" is ".." to Tomcat and Spring, which drop path parameters.
+            bare = segment.split(";", 1)[0]
+            if bare == "." or bare == "..":
                 return True
         if "%" not in decoded:
             return False

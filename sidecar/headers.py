@@ -36,12 +36,18 @@ _RESPONSE_DROP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
+# Connection may name headers to drop, but never the ones that frame the
+# body: dropping Content-Length would let a body run into the next request
+# on a pooled connection (request smuggling).
+_NEVER_CONNECTION_OPTIONS = frozenset({b"content-length"})
+
+
 def _connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, value in raw:
         if name.lower() == b"connection":
             tokens.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    return frozenset(tokens)
+    return frozenset(tokens) - _NEVER_CONNECTION_OPTIONS
 
 
 def _has_connection_header(raw: RawHeaders) -> bool:
@@ -82,9 +88,10 @@ def response_headers(raw: RawHeaders) -> CIMultiDict[str]:
 
 def websocket_headers(headers: CIMultiDictProxy[str], authorization: str, skip: Iterable[str]) -> CIMultiDict[str]:
     """Headers for the upstream WebSocket handshake; aiohttp writes the handshake ones."""
-    skipped = {name.lower() for name in skip}
-    raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-    drop = _REQUEST_DROP_BYTES | _connection_tokens(raw)
-    out = CIMultiDict((name, value) for name, value in headers.items() if name.lower().encode("latin-1") not in drop and name.lower() not in skipped)
+    drop = set(_REQUEST_DROP) | {name.lower() for name in skip}
+    for value in headers.getall("Connection", ()):
+        drop.update(token.strip().lower() for token in value.split(",") if token.strip())
+    drop.discard("content-length")
+    out = CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
     out["Authorization"] = authorization
     return out

@@ -17,7 +17,7 @@ import random
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
-from sidecar.errors import NotLoggedIn, RefreshDead, RefreshTransient, StoreError
+from sidecar.errors import ConfigError, NotLoggedIn, RefreshDead, RefreshTransient, StoreError
 from sidecar.refresh import Refresher
 from sidecar.store import Signature, StoreSnapshot, TokenStore
 from sidecar.tokens import TokenPair, needs_refresh, refresh_due_at
@@ -35,6 +35,13 @@ STORE_CHECK_INTERVAL = 1.0
 # The proactive loop never sleeps longer than this, so it notices a new login
 # or a changed expiry soon.
 PROACTIVE_MAX_SLEEP = 1.0
+
+# A refreshed token counts as still valid for the background refresh only
+# while at least this much of it is left.
+STILL_VALID_MARGIN = 5.0
+# The shortest time between two refreshes when the grant carries no usable
+# expiry: such a token would otherwise be refreshed on every use.
+MIN_REFRESH_INTERVAL = 60.0
 
 DEAD_REASON = "the refresh token was rejected; log in again"
 NOT_LOGGED_IN = "not logged in"
@@ -83,6 +90,7 @@ class TokenManager:
         random: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         observer: Observer | None = None,
+        refresh_in_background: bool = False,
     ) -> None:
         self.store = store
         self.refresher = refresher
@@ -101,6 +109,11 @@ class TokenManager:
         self._failures = 0
         self._backoff_until = 0.0
         self._inflight: asyncio.Task[TokenPair] | None = None
+        self._background = refresh_in_background
+        # A refreshed pair the store could not take, and the refresh token it
+        # replaced: the file still holds that spent token, so it must not win.
+        self._unsaved: TokenPair | None = None
+        self._spent_refresh_token: str | None = None
         self._adopt(store.read())
 
     # -- what callers use -------------------------------------------------
@@ -137,6 +150,11 @@ class TokenManager:
             return pair.access_token  # type: ignore[return-value]
         if self._inflight is None and now < self._backoff_until:
             return self._stale_or_raise(pair, now)
+        if self._background and pair.access_token is not None and pair.expires_at is not None and now < pair.expires_at - STILL_VALID_MARGIN:
+            # Still valid: refresh beside the traffic instead of in front of it.
+            if self._inflight is None:
+                self._start_refresh(rejected=None, force=False)
+            return pair.access_token
         try:
             pair = await self._shared_refresh(rejected=None, force=False)
         except RefreshTransient:
@@ -194,8 +212,10 @@ class TokenManager:
                         await self._shared_refresh(rejected=None, force=False)
                     except (NotLoggedIn, RefreshDead, RefreshTransient, StoreError):
                         pass  # recorded in stats and logs; the loop goes on
-                    except Exception:  # noqa: BLE001 - the loop must survive anything
-                        log.exception("proactive refresh failed unexpectedly")
+                    except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                        # Type only: an exception's text may quote a response.
+                        log.error("proactive refresh failed unexpectedly (%s)", type(exc).__name__)
+                        await self._sleep(PROACTIVE_MAX_SLEEP)
                     continue
                 delay = min(delay, due - now)
             await self._sleep(delay)
@@ -207,14 +227,22 @@ class TokenManager:
             raise RefreshTransient(self.stats.last_error or "refresh failing", max(0.0, self._backoff_until - now))
         return pair.access_token
 
+    def _start_refresh(self, *, rejected: str | None, force: bool) -> asyncio.Task[TokenPair]:
+        task = asyncio.get_running_loop().create_task(self._refresh_locked(rejected, force))
+        self._inflight = task
+        task.add_done_callback(self._refresh_done)
+        return task
+
     async def _shared_refresh(self, *, rejected: str | None, force: bool) -> TokenPair:
-        task = self._inflight
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._refresh_locked(rejected, force))
-            self._inflight = task
-            task.add_done_callback(self._refresh_done)
+        task = self._inflight or self._start_refresh(rejected=rejected, force=force)
         # shield: one caller hanging up must not cancel everyone's refresh.
         return await asyncio.shield(task)
+
+    async def aclose(self, timeout: float) -> None:
+        """Let a refresh in flight finish (up to ``timeout``): its rotated pair must reach the store."""
+        task = self._inflight
+        if task is not None and not task.done():
+            await asyncio.wait([task], timeout=timeout)
 
     def _refresh_done(self, task: asyncio.Task[TokenPair]) -> None:
         if self._inflight is task:
@@ -226,7 +254,9 @@ class TokenManager:
         async with self._file_lock():
             snapshot = self.store.read()
             self._adopt(snapshot)
-            pair = snapshot.pair
+            pair = self._pair if self._unsaved is not None else snapshot.pair
+            if self._unsaved is not None:
+                self._save_unsaved()
             if pair is None:
                 raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
             now = self._clock()
@@ -245,6 +275,10 @@ class TokenManager:
             raise RefreshTransient(str(exc), self._backoff_until - now) from None
         try:
             new_pair = await self.refresher.refresh(pair, now)
+        except ConfigError as exc:
+            pending.abort()
+            self._record_transient(str(exc))
+            raise RefreshTransient(str(exc), self._backoff_until - now) from None
         except RefreshDead as exc:
             pending.abort()
             return self._handle_dead(pair, str(exc))
@@ -260,15 +294,24 @@ class TokenManager:
             pending.commit(new_pair)
             self.stats.last_error = None
         except StoreError as exc:
-            # The old refresh token is spent: keep the new pair in memory so
-            # this process at least goes on working, and say so loudly.
-            log.error("refreshed, but %s; the new login lives only in memory", exc)
+            # The old refresh token is spent: keep the new pair in memory,
+            # never let the stale file override it, and retry the save on
+            # the next refresh.
+            log.error("refreshed, but %s; the new login lives only in memory until it can be saved", exc)
             self.stats.last_error = str(exc)
+            self._unsaved = new_pair
+            self._spent_refresh_token = pair.refresh_token
         self._pair = new_pair
         self._problem = None
         self._signature = self.store.signature()
         self._failures = 0
         self._backoff_until = 0.0
+        after = self._clock()
+        if needs_refresh(new_pair, after, self.leeway):
+            # A grant without a usable expiry (or already expired, by a
+            # skewed clock) would be refreshed again at once, forever.
+            self._backoff_until = after + MIN_REFRESH_INTERVAL
+            log.warning("the token endpoint granted a token that is already due for refresh (no or past expiry); next refresh in %.0f s", MIN_REFRESH_INTERVAL)
         self.stats.ok += 1
         self.stats.last_refresh_at = self._clock()
         self._notify("ok")
@@ -309,7 +352,24 @@ class TokenManager:
 
     # -- following the store ----------------------------------------------
 
+    def _save_unsaved(self) -> None:
+        try:
+            self.store.write(self._unsaved)  # type: ignore[arg-type]
+        except StoreError as exc:
+            log.error("%s; the refreshed login still lives only in memory", exc)
+            return
+        log.info("saved the refreshed login that could not be written before")
+        self._unsaved = None
+        self._spent_refresh_token = None
+        self._signature = self.store.signature()
+
     def _adopt(self, snapshot: StoreSnapshot) -> None:
+        if self._unsaved is not None:
+            if snapshot.pair is not None and snapshot.pair.refresh_token == self._spent_refresh_token:
+                return  # the file still holds the token we spent: ours is newer
+            # A login, import or logout happened since: it wins.
+            self._unsaved = None
+            self._spent_refresh_token = None
         self._signature = snapshot.signature
         if snapshot.pair is None:
             self._pair = None

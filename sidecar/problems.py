@@ -29,6 +29,8 @@ ORIGIN_NOT_ALLOWED = Problem(403, "origin-not-allowed", "Cross-site request refu
 BAD_TARGET = Problem(400, "bad-target", "Bad request target")
 METHOD_NOT_ALLOWED = Problem(405, "bad-target", "Method not allowed")
 NOT_FOUND = Problem(404, "not-found", "No such sidecar endpoint")
+UPSTREAM_REFUSED_UPGRADE = Problem(502, "upstream-refused-upgrade", "Upstream refused the WebSocket upgrade")
+INTERNAL = Problem(500, "internal-error", "Sidecar internal error")
 
 
 def problem_response(

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import problems, websocket
@@ -27,6 +29,12 @@ from sidecar.manager import TokenManager
 from sidecar.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 
 LOCAL_PREFIX = "/_sidecar/"
+_REFUSED_METHODS = {
+    "CONNECT": "CONNECT is not supported: this is a reverse proxy to one upstream.",
+    # An upstream that echoes TRACE would hand the injected token to the client.
+    "TRACE": "TRACE is not forwarded: the echo would contain the injected token.",
+}
+log = logging.getLogger("sidecar.proxy")
 _NO_CONTENT = frozenset({204, 304})
 
 
@@ -65,6 +73,30 @@ class Upstream:
         prefix = base[len(origin):] if base.startswith(origin) else parsed.raw_path.rstrip("/")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         return cls(url, base, origin, parsed.scheme, parsed.host, port, prefix, prefix.encode())
+
+
+class _Verbatim:
+    """Mixin: keep aiohttp from adding Content-Type or Server the upstream did not send."""
+
+    _headers: CIMultiDict[str]
+
+    async def _prepare_headers(self) -> None:
+        had = {name for name in _AIOHTTP_DEFAULTS if name in self._headers}
+        await super()._prepare_headers()  # type: ignore[misc]
+        for name in _AIOHTTP_DEFAULTS:
+            if name not in had:
+                self._headers.popall(name, None)
+
+
+_AIOHTTP_DEFAULTS = ("Content-Type", "Server")
+
+
+class _RelayedResponse(_Verbatim, web.Response):
+    pass
+
+
+class _RelayedStreamResponse(_Verbatim, web.StreamResponse):
+    pass
 
 
 class _ClientGone(Exception):
@@ -107,6 +139,10 @@ class Proxy:
         self._idle.clear()
         try:
             response = await self._dispatch(request, outcome)
+        except (ConfigError, ValueError, UnicodeError) as exc:
+            # Never aiohttp's 500 with a traceback: its text may quote the request.
+            log.error("request failed: %s", type(exc).__name__)
+            response = self._problem(outcome, problems.INTERNAL, "The sidecar could not handle this request; see its log.")
         except _ClientGone:
             outcome.status = outcome.status or 499
             outcome.error = "client-gone"
@@ -134,11 +170,12 @@ class Proxy:
         return True
 
     async def _dispatch(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
-        refusal = self._refusal(request)
+        target = split_target(request.raw_path)
+        refusal = self._refusal(request, target)
         if refusal is not None:
             outcome.status = refusal.status
+            outcome.error = refusal.headers.get("X-Sidecar-Error")
             return refusal
-        target = split_target(request.raw_path)
         assert target is not None  # _refusal checked it
         path, query = target
         if path.startswith(LOCAL_PREFIX):
@@ -155,12 +192,12 @@ class Proxy:
             return await self._websocket(request, upstream.base + path + query, outcome)
         return await self._forward(request, upstream, path + query, outcome)
 
-    def _refusal(self, request: web.BaseRequest) -> web.Response | None:
+    def _refusal(self, request: web.BaseRequest, target: tuple[str, str] | None) -> web.Response | None:
         """A problem response for requests that must not go anywhere, else None."""
         headers = request.headers
-        if request.method == "CONNECT":
-            return problems.problem_response(problems.METHOD_NOT_ALLOWED, "CONNECT is not supported: this is a reverse proxy to one upstream.", headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"})
-        if split_target(request.raw_path) is None:
+        if request.method in _REFUSED_METHODS:
+            return problems.problem_response(problems.METHOD_NOT_ALLOWED, _REFUSED_METHODS[request.method], headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"})
+        if target is None:
             return problems.problem_response(problems.BAD_TARGET, "Only origin-form request targets (/path?query) are accepted.")
         host = headers.get("Host")
         if not host_allowed(host, self._allowed_hosts):
@@ -252,7 +289,12 @@ class Proxy:
                 break
             if not replayable:
                 # The body is gone: refresh for the next request, pass the 401 on.
-                await self._token_after_401(token, outcome)
+                try:
+                    await self._token_after_401(token, outcome)
+                except BaseException:
+                    response.release()
+                    raise
+                outcome.error = None  # the client gets the upstream's 401, not our problem
                 return await self._relay(request, response, upstream, outcome, not_replayable=True)
             response.release()
             fresh = await self._token_after_401(token, outcome)
@@ -274,7 +316,8 @@ class Proxy:
         length = request.content_length
         if length is not None:
             if length <= limit:
-                return await request.read(), False, True
+                # Not request.read(): it enforces aiohttp's 1 MiB client_max_size.
+                return await _read_up_to(request.content, length), False, True
             return _stream(b"", request.content), False, False
         prefix = await _read_up_to(request.content, limit + 1)
         if len(prefix) <= limit:
@@ -296,10 +339,10 @@ class Proxy:
             timeout = self._settings.read_timeout or None
             if upstream_response.complete and "Content-Length" in headers:
                 # The whole answer is here: one write to the client.
-                response = web.Response(status=status, reason=reason, headers=headers, body=upstream_response.take_buffered())
+                response = _RelayedResponse(status=status, reason=reason, headers=headers, body=upstream_response.take_buffered())
                 upstream_response.release()
                 return response
-            response = web.StreamResponse(status=status, reason=reason, headers=headers)
+            response = _RelayedStreamResponse(status=status, reason=reason, headers=headers)
             if "Content-Length" not in headers and status not in _NO_CONTENT and request.method != "HEAD" and request.version >= aiohttp.HttpVersion11:
                 response.enable_chunked_encoding()
             try:
@@ -342,8 +385,8 @@ class Proxy:
                     token = fresh
                     outcome.retried = True
                     continue
-                outcome.status = exc.status or 502
-                return web.Response(status=exc.status or 502, text=f"upstream refused the WebSocket handshake ({exc.status})\n")
+                status = exc.status if 400 <= exc.status <= 599 else 502
+                return self._problem(outcome, problems.UPSTREAM_REFUSED_UPGRADE, f"The upstream answered the WebSocket handshake with HTTP {exc.status}.", status=status)
             except asyncio.TimeoutError:
                 return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer the WebSocket handshake in time.")
             except aiohttp.ClientError as exc:

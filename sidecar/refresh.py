@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from urllib.parse import quote_plus, urlencode
 from typing import Any, Protocol
 
@@ -20,6 +21,11 @@ from sidecar.config import Settings
 from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
 from sidecar.tokens import TokenPair, pair_from_grant
 
+log = logging.getLogger("sidecar.refresh")
+
+# A refresh holds the store lock and, for waiting callers, the request: it
+# gets this long in all, whatever read_timeout allows a streaming proxy.
+REFRESH_TIMEOUT = 30.0
 _HEADERS = {"Accept": "application/json", "User-Agent": f"sidecar/{__version__}"}
 # Statuses that mean "this refresh token will never work again" (SPEC §1).
 _ALWAYS_DEAD = frozenset({401, 403})
@@ -32,9 +38,21 @@ class Refresher(Protocol):
     async def refresh(self, pair: TokenPair, now: float) -> TokenPair: ...
 
 
-def classify_failure(status: int, body: bytes) -> RefreshDead | RefreshTransient:
-    """The error a non-2xx token endpoint answer means."""
+def classify_failure(status: int, body: bytes, *, oauth2: bool = False) -> RefreshDead | RefreshTransient:
+    """The error a non-2xx token endpoint answer means.
+
+    Relay (SPEC §1): invalid_grant or any 401/403 is dead.  OAuth2 (RFC 6749
+    §5.2): only invalid_grant is; a 401 there is invalid_client, a
+    configuration mistake that left the refresh token unspent.
+    """
     error = _error_code(body)
+    if oauth2:
+        if error == "invalid_grant":
+            return RefreshDead(f"token endpoint rejected the refresh token: HTTP {status} (invalid_grant)")
+        suffix = f" ({error})" if error else ""
+        if status in _ALWAYS_DEAD:
+            log.error("token endpoint refused the client: HTTP %d%s; check client_id and client_secret", status, suffix)
+        return RefreshTransient(f"token endpoint answered HTTP {status}{suffix}")
     if status in _ALWAYS_DEAD or (status in _DEAD_WITH_INVALID_GRANT and error == "invalid_grant"):
         suffix = f" ({error})" if error else ""
         return RefreshDead(f"token endpoint rejected the refresh token: HTTP {status}{suffix}")
@@ -61,7 +79,7 @@ class HttpRefresher:
         self._session = session
         self._settings = settings
         self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+            total=REFRESH_TIMEOUT, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
         )
 
     def _request(self, pair: TokenPair) -> tuple[str, dict[str, Any]]:
@@ -82,7 +100,7 @@ class HttpRefresher:
         except OSError as exc:
             raise RefreshTransient(f"token endpoint unreachable: {exc.strerror or type(exc).__name__}") from None
         if not 200 <= status < 300:
-            raise classify_failure(status, body)
+            raise classify_failure(status, body, oauth2=isinstance(self, OAuth2Refresher))
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:

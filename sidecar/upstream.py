@@ -50,7 +50,6 @@ class _Connection(asyncio.Protocol):
         self._loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reused = False
         self._exception: BaseException | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False
@@ -191,7 +190,7 @@ class _Connection(asyncio.Protocol):
         if self._exception is not None:
             raise self._exception
 
-    def consumed(self, amount: int) -> None:
+    def consumed(self) -> None:
         if self._read_paused and self.response is not None and self.response.buffered < _RESUME_BELOW and self.transport is not None:
             self._read_paused = False
             self.transport.resume_reading()
@@ -295,7 +294,7 @@ class UpstreamResponse:
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
-        self._connection.consumed(len(data))
+        self._connection.consumed()
         return data
 
     async def read(self, timeout: float | None) -> bytes:
@@ -306,7 +305,7 @@ class UpstreamResponse:
             await self._connection.wait(timeout)
         chunk = self.chunks.popleft()
         self.buffered -= len(chunk)
-        self._connection.consumed(len(chunk))
+        self._connection.consumed()
         return chunk
 
     async def read_all(self, timeout: float | None) -> bytes:
@@ -361,7 +360,6 @@ class UpstreamPool:
         while idle:
             connection = idle.pop()
             if not connection.closed:
-                connection.reused = True
                 return connection
         return None
 

@@ -12,28 +12,37 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Callable
 
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, SidecarError
 from sidecar.serve import ListenAddress
 
 log = logging.getLogger("sidecar.workers")
 
+# A worker exiting with this code hit bad configuration: not restarted.
+EXIT_FATAL = 2
 # A worker that dies sooner than this after starting is not restarted at once.
 RESTART_DELAY = 1.0
 
 
 def reserve_port(address: ListenAddress) -> tuple[ListenAddress, socket.socket | None]:
-    """Pin port 0 to one real port all workers can share; the socket holds it meanwhile."""
+    """Bind the port once in the parent (a busy port is exit 2 before any fork); port 0 becomes one real port.
+
+    The bound, never-listening socket holds the port until the workers have
+    bound theirs with SO_REUSEPORT.
+    """
     if address.unix_path is not None:
         raise ConfigError("workers: more than one worker needs a TCP listen address (HOST:PORT)")
-    if address.port:
-        return address, None
     family = socket.AF_INET6 if address.host and ":" in address.host else socket.AF_INET
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((address.host, 0))
+    try:
+        holder.bind((address.host, address.port or 0))
+    except OSError as exc:
+        holder.close()
+        raise ConfigError(f"listen: cannot listen on {address.host}:{address.port}: {exc.strerror}") from None
     port = holder.getsockname()[1]
     return ListenAddress(host=address.host, port=port), holder
 
@@ -72,6 +81,9 @@ def run_workers(count: int, worker: Callable[[], int]) -> int:
                 code = worker()
             except KeyboardInterrupt:
                 code = 0
+            except SidecarError as exc:
+                print(f"sidecar: {exc}", file=sys.stderr, flush=True)
+                code = EXIT_FATAL
             finally:
                 os._exit(code)
         children[pid] = time.monotonic()
@@ -103,6 +115,11 @@ def run_workers(count: int, worker: Callable[[], int]) -> int:
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             worst = max(worst, code if code > 0 else 0)
+            continue
+        if code == EXIT_FATAL:
+            # Bad configuration: another worker would fail the same way.
+            forward(signal.SIGTERM, None)
+            worst = EXIT_FATAL
             continue
         log.error("worker %d exited with %d; starting another", pid, code)
         if time.monotonic() - started < RESTART_DELAY:
