@@ -467,6 +467,17 @@ class MockCloud:
         if grant is not None and not grant.family.revoked:
             self._revoke_family(grant.family)
 
+    async def _switched_answer(self, refresh_token: str, *, dead_status: int) -> web.Response | None:
+        """The answer a flipped test switch dictates for this refresh call, if any."""
+        switched = await self._switches()
+        if switched is None:
+            return None
+        status, error = switched
+        if error == "invalid_grant":
+            self._reject_chain(refresh_token)
+            status = dead_status
+        return _json({"error": error}, status)
+
     async def _relay_refresh(self, request: web.Request) -> web.StreamResponse:
         """Relay flavor: JSON ``{"refreshToken"}`` in, the rotated pair out."""
         self.refresh_calls += 1
@@ -477,13 +488,9 @@ class MockCloud:
         refresh_token = body.get("refreshToken") if isinstance(body, dict) else None
         if not isinstance(refresh_token, str) or not refresh_token:
             return _json({"error": "invalid_request"}, 400)
-        switched = await self._switches()
+        switched = await self._switched_answer(refresh_token, dead_status=403)
         if switched is not None:
-            status, error = switched
-            if error == "invalid_grant":
-                self._reject_chain(refresh_token)
-                status = 403
-            return _json({"error": error}, status)
+            return switched
         style = self.refresh_response_style
         outcome = self._rotate(refresh_token, rotate=style != "no_rotation")
         if outcome is None:
@@ -535,13 +542,9 @@ class MockCloud:
         refresh_token = form.get("refresh_token", "")
         if not refresh_token:
             return _json({"error": "invalid_request"}, 400)
-        switched = await self._switches()
+        switched = await self._switched_answer(refresh_token, dead_status=400)
         if switched is not None:
-            status, error = switched
-            if error == "invalid_grant":
-                self._reject_chain(refresh_token)
-                status = 400
-            return _json({"error": error}, status)
+            return switched
         outcome = self._rotate(refresh_token, rotate=self.refresh_response_style != "no_rotation")
         if outcome is None:
             return _json({"error": "invalid_grant"}, 400)

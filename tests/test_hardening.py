@@ -14,7 +14,6 @@ import io
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,7 +22,7 @@ import pytest
 from conftest import FakeClock, ManagerFactory, ProxyFactory, RunningProxy, assert_one_line_failure, poll_until, run_sidecar, seed_expired, seed_store, stored
 from test_proxy import assert_problem, authority, fetch, raw_get, raw_request, wait_for_log_lines
 from test_serve import running_serve
-from test_upstream import OK, Conn, Script, StartUpstream, Upstream, answer_each
+from test_upstream import OK, Conn, Script, StartUpstream, answer_each, upstream  # noqa: F401 - upstream is the scripted-server fixture
 from sidecar.app import running_sidecar
 from sidecar.config import Settings
 from sidecar.errors import StoreError
@@ -50,22 +49,6 @@ WS_HANDSHAKE = [
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
     "Sec-WebSocket-Version: 13",
 ]
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[StartUpstream]:
-    """Start scripted raw upstreams on 127.0.0.1; all are stopped at teardown."""
-    started: list[Upstream] = []
-
-    async def start(script: Script) -> Upstream:
-        server = Upstream(script)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.stop()
 
 
 async def raw_head(url: str, request: bytes) -> bytes:
@@ -155,9 +138,9 @@ def metric(text: str, name: str) -> float:
 # -- 1. request smuggling ---------------------------------------------------------
 
 
-async def test_connection_naming_content_length_keeps_the_body_framed(login: TokenPair, make_proxy: ProxyFactory, scripted: StartUpstream, client: aiohttp.ClientSession) -> None:
+async def test_connection_naming_content_length_keeps_the_body_framed(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
     """A body framed by a Content-Length that the Connection header names reaches the upstream framed, and the next request on that connection arrives intact."""
-    server = await scripted(answer_each(OK))
+    server = await upstream(answer_each(OK))
     proxy = await make_proxy(upstream=server.url)
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: up\r\n\r\n"
     head = "\r\n".join(["POST /first HTTP/1.1", f"Host: {authority(proxy.url)}", "Connection: Content-Length", f"Content-Length: {len(smuggled)}"])
@@ -378,9 +361,9 @@ async def test_websocket_handshake_with_a_non_latin1_header_is_upgraded(proxy: R
     assert head.startswith(b"HTTP/1.1 101 "), head
 
 
-async def test_websocket_handshake_refused_by_the_upstream_is_a_problem(login: TokenPair, make_proxy: ProxyFactory, scripted: StartUpstream) -> None:
+async def test_websocket_handshake_refused_by_the_upstream_is_a_problem(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
     """An upstream refusing the WebSocket handshake with 403 gives the client a 403 upstream-refused-upgrade problem."""
-    server = await scripted(answer_each(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"))
+    server = await upstream(answer_each(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"))
     proxy = await make_proxy(upstream=server.url)
     reply = await raw_request(proxy.url, "\r\n".join([*WS_HANDSHAKE, f"Host: {authority(proxy.url)}"]))
     assert_problem(reply, 403, "upstream-refused-upgrade")
@@ -394,9 +377,9 @@ async def test_websocket_handshake_refused_by_the_upstream_is_a_problem(login: T
     [OK, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
     ids=["complete", "streamed"],
 )
-async def test_relayed_response_gains_no_content_type_or_server(login: TokenPair, make_proxy: ProxyFactory, scripted: StartUpstream, answer: bytes) -> None:
+async def test_relayed_response_gains_no_content_type_or_server(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, answer: bytes) -> None:
     """An upstream answer without Content-Type and Server reaches the client without them."""
-    server = await scripted(answer_each(answer))
+    server = await upstream(answer_each(answer))
     proxy = await make_proxy(upstream=server.url)
     reply = await raw_request(proxy.url, raw_get(proxy, "/x"))
     assert (reply.status, reply.body) == (200, b"ok")
