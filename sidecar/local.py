@@ -33,7 +33,7 @@ def status_document(manager: TokenManager, settings: Settings, now: float) -> di
         "secondsToExpiry": round(expires_at - now, 1) if expires_at is not None else None,
         "refreshes": {"ok": stats.ok, "dead": stats.dead, "transient": stats.transient},
         "lastRefreshAt": format_timestamp(stats.last_refresh_at) if stats.last_refresh_at else None,
-        "lastError": stats.last_error if pair is not None or stats.last_error else manager.problem,
+        "lastError": stats.last_error or manager.problem,
         "nextRefreshAt": format_timestamp(next_refresh) if next_refresh is not None else None,
     }
 
