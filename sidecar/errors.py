@@ -2,7 +2,9 @@
 
     SidecarError
     ├── ConfigError          bad flag, variable or TOML key (exit 2)
-    ├── StoreError           the token file cannot be read or written
+    ├── StoreError           the token store cannot be read or written
+    │   ├── StoreConflict    the store changed since it was read (compare-and-set refused)
+    │   └── StoreLockTimeout the refresh lock was not had in time
     ├── NotLoggedIn          no usable pair in the store (re-login needed)
     ├── RefreshError
     │   ├── RefreshDead      the refresh token is spent or revoked
@@ -26,6 +28,14 @@ class ConfigError(SidecarError):
 
 class StoreError(SidecarError):
     """The token store could not be read or written."""
+
+
+class StoreConflict(StoreError):
+    """A write was refused: the store changed since the read it was based on."""
+
+
+class StoreLockTimeout(StoreError):
+    """The refresh lock was held by someone else for longer than allowed."""
 
 
 class NotLoggedIn(SidecarError):

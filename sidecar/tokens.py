@@ -7,8 +7,10 @@ takes ``now`` (seconds since the epoch, UTC) as an argument.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timezone
-from typing import Any, Mapping
+import enum
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from sidecar.errors import RefreshTransient
 
@@ -72,6 +74,44 @@ def needs_refresh(pair: TokenPair, now: float, leeway: float) -> bool:
     return due is None or now >= due
 
 
+class TokenState(enum.Enum):
+    """Where a pair stands at one instant."""
+
+    FRESH = "fresh"  # use it as it is
+    DUE = "due"  # still valid: use it, and refresh beside the traffic
+    EXPIRED = "expired"  # no usable access token: refresh before using
+
+
+def token_state(pair: TokenPair, now: float, leeway: float, *, margin: float = 0.0) -> TokenState:
+    """FRESH before the pair is due, then DUE while its access token is still valid, then EXPIRED.
+
+    A token with less than ``margin`` seconds left counts as expired (it
+    would not survive the request it is handed to).  A pair without an
+    access token or a usable expiry is EXPIRED.
+    """
+    if not needs_refresh(pair, now, leeway):
+        return TokenState.FRESH
+    if pair.access_token is not None and pair.expires_at is not None and now < pair.expires_at - margin:
+        return TokenState.DUE
+    return TokenState.EXPIRED
+
+
+def still_needs_refresh(stored: TokenPair, now: float, leeway: float, *, force: bool, rejected: str | None) -> bool:
+    """After taking the refresh lock and re-reading: is a refresh still needed?
+
+    ``stored`` is what the store holds now.  If another process rotated the
+    pair while this one waited for the lock, the answer is no: use that pair
+    instead of spending its refresh token again.  A forced refresh (after a
+    401 with ``rejected``, or ``token --force-refresh`` with no rejected
+    token) is still needed unless the stored token is a new one.
+    """
+    if needs_refresh(stored, now, leeway):
+        return True
+    if not force:
+        return False
+    return rejected is None or stored.access_token == rejected
+
+
 def parse_timestamp(value: object) -> float | None:
     """Epoch seconds from an ISO 8601 string; None for anything unparseable.
 
@@ -87,7 +127,7 @@ def parse_timestamp(value: object) -> float | None:
     except ValueError:
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     try:
         epoch = moment.timestamp()
     except (OverflowError, ValueError):
@@ -97,7 +137,7 @@ def parse_timestamp(value: object) -> float | None:
 
 def format_timestamp(epoch: float) -> str:
     """ISO 8601 UTC with a ``Z`` suffix, to the millisecond."""
-    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    moment = datetime.fromtimestamp(epoch, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -109,28 +149,38 @@ def _first(body: Mapping[str, Any], *names: str) -> Any:
 
 
 def pair_from_grant(
-    body: object, *, previous: TokenPair | None, now: float, api_url: str | None
+    body: object, *, previous: TokenPair | None, now: float, api_url: str | None, access_optional: bool = False
 ) -> TokenPair:
-    """The pair a token endpoint granted, from its decoded JSON body.
+    """The pair a grant describes: a token endpoint's JSON body, a login callback's query, an import.
 
     Accepts camelCase and snake_case names and ``expires_in`` (seconds).  A
-    grant without a new refresh token keeps the previous one.  A body that is
-    not a usable grant raises RefreshTransient: the stored pair stays.
+    grant without a new refresh token keeps the previous one; with
+    ``access_optional`` (an import) a missing access token means "refresh on
+    first use".  A body that is not a usable grant raises RefreshTransient:
+    the stored pair stays.
     """
     if not isinstance(body, Mapping):
         raise RefreshTransient("token endpoint answered 2xx without a JSON object")
     access = _first(body, "accessToken", "access_token")
-    if not isinstance(access, str) or not access:
+    if access_optional and access == "":
+        access = None
+    if not (access is None and access_optional) and (not isinstance(access, str) or not access):
         raise RefreshTransient("token endpoint answered 2xx without an access token")
     refresh = _first(body, "refreshToken", "refresh_token")
     if refresh is None and previous is not None:
         refresh = previous.refresh_token
     if not isinstance(refresh, str) or not refresh:
         raise RefreshTransient("token endpoint answered 2xx without a refresh token")
-    expires_at = parse_timestamp(_first(body, "accessTokenExpiresAt", "access_token_expires_at", "expiresAt", "expires_at"))
+    expires_at = parse_timestamp(
+        _first(body, "accessTokenExpiresAt", "access_token_expires_at", "expiresAt", "expires_at")
+    )
     if expires_at is None:
         expires_in = _first(body, "expiresIn", "expires_in")
-        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and 0 <= expires_in <= MAX_EXPIRES_IN:
+        if (
+            isinstance(expires_in, (int, float))
+            and not isinstance(expires_in, bool)
+            and 0 <= expires_in <= MAX_EXPIRES_IN
+        ):
             expires_at = now + float(expires_in)
     return TokenPair(
         access_token=access,

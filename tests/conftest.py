@@ -15,17 +15,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import aiohttp
 import pytest
 
+from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
 from sidecar.manager import TokenManager
 from sidecar.mockcloud import MockCloud
-from sidecar.refresh import make_refresher
-from sidecar.store import TokenStore
+from sidecar.store.file import FileStore, TokenFile
 from sidecar.tokens import TokenPair, parse_timestamp
 
 # The sidecar command as a subprocess, from this interpreter.
@@ -116,23 +117,25 @@ def pair_from_cloud(grant: dict[str, Any], api_url: str, obtained_at: float | No
     )
 
 
-def seed_store(path: Path, cloud: MockCloud, *, obtained_at: float | None = None, access_ttl: float | None = None) -> TokenPair:
+def seed_store(
+    path: Path, cloud: MockCloud, *, obtained_at: float | None = None, access_ttl: float | None = None
+) -> TokenPair:
     """Log in at the mock cloud and write that pair to the store file."""
     pair = pair_from_cloud(cloud.issue_pair(access_ttl=access_ttl), cloud.base_url, obtained_at)
-    TokenStore(path).write(pair)
+    TokenFile(path).write(pair)
     return pair
 
 
 def seed_expired(path: Path, cloud: MockCloud) -> TokenPair:
     """Write a new login from the cloud, with its access token already expired on disk."""
     pair = dataclasses.replace(pair_from_cloud(cloud.issue_pair(), cloud.base_url), expires_at=time.time() - 10)
-    TokenStore(path).write(pair)
+    TokenFile(path).write(pair)
     return pair
 
 
 def stored(path: Path) -> TokenPair:
     """The pair in the store file; fails the test if there is none."""
-    snapshot = TokenStore(path).read()
+    snapshot = TokenFile(path).read()
     assert snapshot.problem is None
     assert snapshot.pair is not None
     return snapshot.pair
@@ -186,14 +189,18 @@ class Run:
     err: str
 
 
-async def start_sidecar(env: dict[str, str], *args: str, stderr: Any = subprocess.PIPE, umask: int = -1) -> asyncio.subprocess.Process:
+async def start_sidecar(
+    env: dict[str, str], *args: str, stderr: Any = subprocess.PIPE, umask: int = -1
+) -> asyncio.subprocess.Process:
     """Start ``sidecar ARGS`` with ``env`` and no stdin; stdout is a pipe, and so is stderr unless ``stderr`` says otherwise."""
     return await asyncio.create_subprocess_exec(
         *SIDECAR, *args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, umask=umask
     )
 
 
-async def finish(process: asyncio.subprocess.Process, already: str = "", *, timeout: float = TIMEOUT, what: str | None = None) -> Run:
+async def finish(
+    process: asyncio.subprocess.Process, already: str = "", *, timeout: float = TIMEOUT, what: str | None = None
+) -> Run:
     """Wait for ``process`` and read the rest of its output (``already``: stderr read before, put in front).
 
     Kills it and fails the test if it outlives ``timeout``; ``what`` names it in that failure.
@@ -271,17 +278,21 @@ ManagerFactory = Callable[..., Awaitable[TokenManager]]
 
 
 @pytest.fixture
-async def make_manager(cloud: MockCloud, store_path: Path, clock: FakeClock, monotonic: FakeClock) -> AsyncIterator[ManagerFactory]:
+async def make_manager(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, monotonic: FakeClock
+) -> AsyncIterator[ManagerFactory]:
     """Build TokenManagers on the test's store, clock and mock cloud."""
     sessions: list[aiohttp.ClientSession] = []
 
-    async def factory(*, leeway: float = 120.0, sleep: Any = None, refresher: Any = None, **overrides: Any) -> TokenManager:
+    async def factory(
+        *, leeway: float = 120.0, sleep: Any = None, refresher: Any = None, **overrides: Any
+    ) -> TokenManager:
         session = aiohttp.ClientSession()
         sessions.append(session)
         settings = Settings(**{"upstream": cloud.base_url, "store": str(store_path), "read_timeout": 5.0, **overrides})
         extra = {"sleep": sleep} if sleep is not None else {}
         return TokenManager(
-            TokenStore(store_path),
+            FileStore(store_path),
             refresher or make_refresher(session, settings),
             leeway=leeway,
             clock=clock,
@@ -322,16 +333,26 @@ async def make_proxy(cloud: MockCloud, store_path: Path, clock: FakeClock) -> As
 
     from aiohttp import web
 
-    from sidecar.app import running_sidecar
-    from sidecar.serve import ListenAddress, open_site
+    from sidecar.server.app import running_sidecar
+    from sidecar.server.listen import ListenAddress, open_site
 
     stack = contextlib.AsyncExitStack()
 
     async def factory(*, proactive: bool = False, **overrides: Any) -> RunningProxy:
-        settings = Settings(**{"upstream": cloud.base_url, "store": str(store_path), "read_timeout": 5.0, "log_format": "json", **overrides})
+        settings = Settings(
+            **{
+                "upstream": cloud.base_url,
+                "store": str(store_path),
+                "read_timeout": 5.0,
+                "log_format": "json",
+                **overrides,
+            }
+        )
         log = io.StringIO()
         _logs.append(log)
-        sidecar = await stack.enter_async_context(running_sidecar(settings, log_stream=log, clock=clock, proactive=proactive))
+        sidecar = await stack.enter_async_context(
+            running_sidecar(settings, log_stream=log, clock=clock, proactive=proactive)
+        )
         runner = web.ServerRunner(sidecar.server, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Run, assert_one_line_failure, run_sidecar, seed_expired, seed_store, stored
+
 from sidecar.mockcloud import MockCloud
-from sidecar.store import TokenStore
+from sidecar.store.file import TokenFile
 from sidecar.tokens import TokenPair, parse_timestamp
 
 
@@ -55,7 +55,9 @@ async def test_token_prints_stored_token_when_fresh(cloud: MockCloud, store_path
     assert cloud.refresh_calls == 0
 
 
-async def test_token_refreshes_expired_store_and_persists_rotation(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_token_refreshes_expired_store_and_persists_rotation(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """An expired store is refreshed once, the new token printed and the rotated pair written."""
     old = seed_expired(store_path, cloud)
     run = await run_sidecar(env, "token", "--store", str(store_path))
@@ -69,7 +71,9 @@ async def test_token_refreshes_expired_store_and_persists_rotation(cloud: MockCl
     assert_no_secrets(run, old.access_token, old.refresh_token, new.access_token, new.refresh_token)
 
 
-async def test_token_force_refresh_refreshes_a_fresh_token(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_token_force_refresh_refreshes_a_fresh_token(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """``--force-refresh`` refreshes a token that has a day left."""
     old = seed_store(store_path, cloud)
     run = await run_sidecar(env, "token", "--force-refresh", "--store", str(store_path))
@@ -80,7 +84,9 @@ async def test_token_force_refresh_refreshes_a_fresh_token(cloud: MockCloud, sto
     assert run.out == f"{new.access_token}\n"
 
 
-async def test_token_transient_failure_prints_stale_token_with_warning(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_token_transient_failure_prints_stale_token_with_warning(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """A 503 from the token endpoint prints the stale token, warns on stderr and leaves the file alone."""
     old = seed_expired(store_path, cloud)
     before = store_path.read_bytes()
@@ -94,7 +100,9 @@ async def test_token_transient_failure_prints_stale_token_with_warning(cloud: Mo
     assert_no_secrets(run, old.access_token, old.refresh_token)
 
 
-async def test_token_dead_refresh_token_clears_store_and_asks_for_login(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_token_dead_refresh_token_clears_store_and_asks_for_login(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """invalid_grant exits 1 with a one-line hint to run ``sidecar login`` and deletes the store."""
     old = seed_expired(store_path, cloud)
     cloud.reject_next_refreshes(1)
@@ -108,7 +116,9 @@ async def test_token_dead_refresh_token_clears_store_and_asks_for_login(cloud: M
     assert_no_secrets(run, old.access_token, old.refresh_token)
 
 
-async def test_token_dead_refresh_token_hint_names_the_upstream(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_token_dead_refresh_token_hint_names_the_upstream(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """The re-login hint after invalid_grant names the upstream the store was logged in to."""
     seed_expired(store_path, cloud)
     cloud.reject_next_refreshes(1)
@@ -118,7 +128,9 @@ async def test_token_dead_refresh_token_hint_names_the_upstream(cloud: MockCloud
 
 
 @pytest.mark.parametrize("case", ["dead-refresh-token", *sorted(CORRUPT_STORES)])
-async def test_token_failure_is_one_stderr_line(cloud: MockCloud, store_path: Path, env: dict[str, str], case: str) -> None:
+async def test_token_failure_is_one_stderr_line(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], case: str
+) -> None:
     """When ``token`` cannot produce a token it says why in exactly one stderr line."""
     if case == "dead-refresh-token":
         seed_expired(store_path, cloud)
@@ -167,7 +179,9 @@ async def test_status_shows_user_and_upstream(cloud: MockCloud, store_path: Path
     assert pair.refresh_token not in run.out + run.err
 
 
-async def test_status_json_reports_login_without_tokens(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_status_json_reports_login_without_tokens(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """``status --json`` has loggedIn, apiUrl, expiresAt, an integer secondsToExpiry and the user, but no token."""
     pair = seed_store(store_path, cloud)
     run = await run_sidecar(env, "status", "--json", "--store", str(store_path))
@@ -187,11 +201,15 @@ async def test_status_json_reports_login_without_tokens(cloud: MockCloud, store_
 # -- import -----------------------------------------------------------------
 
 
-async def test_import_flags_store_refresh_token_upstream_and_now(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_import_flags_store_refresh_token_upstream_and_now(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """``import --refresh-token --upstream`` writes refreshToken, apiUrl and obtainedAt only."""
     refresh = cloud.issue_pair()["refreshToken"]
     started = time.time()
-    run = await run_sidecar(env, "import", "--refresh-token", refresh, "--upstream", cloud.base_url, "--store", str(store_path))
+    run = await run_sidecar(
+        env, "import", "--refresh-token", refresh, "--upstream", cloud.base_url, "--store", str(store_path)
+    )
     assert run.code == 0, run
     document = json.loads(store_path.read_bytes())
     assert set(document) == {"refreshToken", "apiUrl", "obtainedAt"}
@@ -202,7 +220,9 @@ async def test_import_flags_store_refresh_token_upstream_and_now(cloud: MockClou
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new-file", "loose-old-file"])
-async def test_import_writes_store_mode_0600(cloud: MockCloud, store_path: Path, env: dict[str, str], existing: bool) -> None:
+async def test_import_writes_store_mode_0600(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], existing: bool
+) -> None:
     """Under umask 0, the store ``import`` writes is mode 0600, also over an old file that was 0644."""
     if existing:
         seed_store(store_path, cloud)
@@ -225,10 +245,14 @@ async def test_import_creates_store_directory_0700(cloud: MockCloud, store_path:
     assert stat.S_IMODE(store_path.parent.stat().st_mode) == 0o700
 
 
-async def test_imported_refresh_token_is_refreshed_on_first_token(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_imported_refresh_token_is_refreshed_on_first_token(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """After importing only a refresh token, the first ``token`` refreshes and prints the new access token."""
     refresh = cloud.issue_pair()["refreshToken"]
-    imported = await run_sidecar(env, "import", "--refresh-token", refresh, "--upstream", cloud.base_url, "--store", str(store_path))
+    imported = await run_sidecar(
+        env, "import", "--refresh-token", refresh, "--upstream", cloud.base_url, "--store", str(store_path)
+    )
     assert imported.code == 0, imported
     run = await run_sidecar(env, "token", "--store", str(store_path))
     assert run.code == 0, run
@@ -252,7 +276,11 @@ async def test_import_from_environment(cloud: MockCloud, store_path: Path, env: 
     run = await run_sidecar(env, "import")
     assert run.code == 0, run
     pair = stored(store_path)
-    assert (pair.access_token, pair.refresh_token, pair.api_url) == (grant["accessToken"], grant["refreshToken"], cloud.base_url)
+    assert (pair.access_token, pair.refresh_token, pair.api_url) == (
+        grant["accessToken"],
+        grant["refreshToken"],
+        cloud.base_url,
+    )
     assert pair.expires_at == parse_timestamp(grant["accessTokenExpiresAt"])
     assert_no_secrets(run, grant["accessToken"], grant["refreshToken"])
     token = await run_sidecar(env, "token")
@@ -260,23 +288,38 @@ async def test_import_from_environment(cloud: MockCloud, store_path: Path, env: 
     assert cloud.refresh_calls == 0
 
 
-async def test_import_without_refresh_token_exits_2_and_keeps_store(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_import_without_refresh_token_exits_2_and_keeps_store(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """``import`` with no refresh token exits 2 and leaves a working store byte for byte."""
     seed_store(store_path, cloud)
     before = store_path.read_bytes()
-    run = await run_sidecar(env, "import", "--access-token", "at_x", "--upstream", cloud.base_url, "--store", str(store_path))
+    run = await run_sidecar(
+        env, "import", "--access-token", "at_x", "--upstream", cloud.base_url, "--store", str(store_path)
+    )
     assert_one_line_failure(run, 2)
     assert "refresh token" in run.err
     assert store_path.read_bytes() == before
 
 
-async def test_import_bad_expires_at_exits_2_and_keeps_store(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_import_bad_expires_at_exits_2_and_keeps_store(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """``import --expires-at tomorrow`` exits 2 and leaves a working store byte for byte."""
     seed_store(store_path, cloud)
     before = store_path.read_bytes()
     refresh = cloud.issue_pair()["refreshToken"]
     run = await run_sidecar(
-        env, "import", "--refresh-token", refresh, "--expires-at", "tomorrow", "--upstream", cloud.base_url, "--store", str(store_path)
+        env,
+        "import",
+        "--refresh-token",
+        refresh,
+        "--expires-at",
+        "tomorrow",
+        "--upstream",
+        cloud.base_url,
+        "--store",
+        str(store_path),
     )
     assert_one_line_failure(run, 2)
     assert "expires-at" in run.err
@@ -307,6 +350,7 @@ async def test_logout_twice_exits_0(cloud: MockCloud, store_path: Path, env: dic
 
 # -- bad input --------------------------------------------------------------
 
+
 @pytest.fixture(params=sorted(CORRUPT_STORES))
 def corrupt_store(request: pytest.FixtureRequest, store_path: Path) -> bytes:
     """A store file that is not a usable pair; returns its bytes."""
@@ -315,7 +359,9 @@ def corrupt_store(request: pytest.FixtureRequest, store_path: Path) -> bytes:
     return content
 
 
-async def test_corrupt_store_token_exits_1_and_keeps_file(cloud: MockCloud, store_path: Path, env: dict[str, str], corrupt_store: bytes) -> None:
+async def test_corrupt_store_token_exits_1_and_keeps_file(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], corrupt_store: bytes
+) -> None:
     """``token`` on a corrupt store exits 1 without a traceback and does not delete or rewrite it."""
     run = await run_sidecar(env, "token", "--store", str(store_path))
     assert run.code == 1, run
@@ -326,7 +372,9 @@ async def test_corrupt_store_token_exits_1_and_keeps_file(cloud: MockCloud, stor
     assert cloud.requests_seen == 0
 
 
-async def test_corrupt_store_status_json_is_logged_out_with_reason(cloud: MockCloud, store_path: Path, env: dict[str, str], corrupt_store: bytes) -> None:
+async def test_corrupt_store_status_json_is_logged_out_with_reason(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], corrupt_store: bytes
+) -> None:
     """``status --json`` on a corrupt store shows loggedIn false with a problem naming the corruption."""
     run = await run_sidecar(env, "status", "--json", "--store", str(store_path))
     assert run.code == 1
@@ -337,7 +385,9 @@ async def test_corrupt_store_status_json_is_logged_out_with_reason(cloud: MockCl
     assert store_path.read_bytes() == corrupt_store
 
 
-async def _bad_input_is_refused(cloud: MockCloud, store_path: Path, env: dict[str, str], args: tuple[str, ...], named: str) -> None:
+async def _bad_input_is_refused(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], args: tuple[str, ...], named: str
+) -> None:
     """On an expired store, ``token ARGS`` with ``env`` exits 2 with one line naming ``named``, leaves the store alone and calls nobody."""
     seed_expired(store_path, cloud)
     before = store_path.read_bytes()
@@ -348,10 +398,12 @@ async def _bad_input_is_refused(cloud: MockCloud, store_path: Path, env: dict[st
     assert cloud.requests_seen == 0
 
 
-async def test_unknown_toml_key_exits_2_naming_it(cloud: MockCloud, store_path: Path, env: dict[str, str], tmp_path: Path) -> None:
+async def test_unknown_toml_key_exits_2_naming_it(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], tmp_path: Path
+) -> None:
     """An unknown key in ``--config`` is a one-line error naming the key, and the store is untouched."""
     config = tmp_path / "sidecar.toml"
-    config.write_text('leewaay = 30\n')
+    config.write_text("leewaay = 30\n")
     await _bad_input_is_refused(cloud, store_path, env, ("--config", str(config)), "leewaay")
 
 
@@ -367,16 +419,21 @@ async def test_unknown_flag_exits_2(cloud: MockCloud, store_path: Path, env: dic
 
 def _chattr(flag: str, directory: Path) -> bool:
     try:
-        return subprocess.run(["chattr", flag, str(directory)], capture_output=True, timeout=10, check=False).returncode == 0
+        return (
+            subprocess.run(["chattr", flag, str(directory)], capture_output=True, timeout=10, check=False).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
 
-async def _token_in_immutable_dir(cloud: MockCloud, store_path: Path, env: dict[str, str], *, lock_file: bool) -> tuple[Run, TokenPair, bytes]:
+async def _token_in_immutable_dir(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], *, lock_file: bool
+) -> tuple[Run, TokenPair, bytes]:
     """Run ``token`` on an expired store whose directory is immutable; return the run, the seeded pair and its bytes."""
     old = seed_expired(store_path, cloud)
     if lock_file:
-        TokenStore(store_path).release_lock(TokenStore(store_path).acquire_lock())
+        TokenFile(store_path).release_lock(TokenFile(store_path).acquire_lock())
     before = store_path.read_bytes()
     if not _chattr("+i", store_path.parent):
         pytest.skip("chattr +i is not available here (needs root and ext2/3/4, xfs or btrfs)")
@@ -388,7 +445,9 @@ async def _token_in_immutable_dir(cloud: MockCloud, store_path: Path, env: dict[
 
 
 @pytest.mark.parametrize("lock_file", [True, False], ids=["lock-file", "no-lock-file"])
-async def test_unwritable_store_dir_never_spends_refresh_token(cloud: MockCloud, store_path: Path, env: dict[str, str], lock_file: bool) -> None:
+async def test_unwritable_store_dir_never_spends_refresh_token(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], lock_file: bool
+) -> None:
     """With an immutable store directory ``token`` makes no refresh call and leaves the store byte for byte."""
     run, old, before = await _token_in_immutable_dir(cloud, store_path, env, lock_file=lock_file)
     assert cloud.refresh_calls == 0
@@ -397,7 +456,9 @@ async def test_unwritable_store_dir_never_spends_refresh_token(cloud: MockCloud,
     assert_no_secrets(run, old.access_token, old.refresh_token)
 
 
-async def test_unwritable_store_dir_with_lock_file_prints_stale_token(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_unwritable_store_dir_with_lock_file_prints_stale_token(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """In an immutable directory that already holds the lock file, ``token`` prints the stale token with a warning."""
     run, old, _ = await _token_in_immutable_dir(cloud, store_path, env, lock_file=True)
     assert run.code == 0, run
@@ -405,7 +466,9 @@ async def test_unwritable_store_dir_with_lock_file_prints_stale_token(cloud: Moc
     assert any("warning" in line for line in run.err.splitlines()), run.err
 
 
-async def test_unwritable_store_dir_without_lock_file_prints_stale_token(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_unwritable_store_dir_without_lock_file_prints_stale_token(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """In an immutable directory with no lock file yet, ``token`` prints the stale token with a warning."""
     run, old, _ = await _token_in_immutable_dir(cloud, store_path, env, lock_file=False)
     assert run.code == 0, run
@@ -429,7 +492,17 @@ async def test_no_token_reaches_stderr_across_commands(cloud: MockCloud, store_p
     grant = cloud.issue_pair()
     store = ["--store", str(store_path)]
     runs = [
-        await run_sidecar(env, "import", "--refresh-token", grant["refreshToken"], "--access-token", grant["accessToken"], "--upstream", cloud.base_url, *store),
+        await run_sidecar(
+            env,
+            "import",
+            "--refresh-token",
+            grant["refreshToken"],
+            "--access-token",
+            grant["accessToken"],
+            "--upstream",
+            cloud.base_url,
+            *store,
+        ),
         await run_sidecar(env, "token", *store),
         await run_sidecar(env, "status", *store),
         await run_sidecar(env, "status", "--json", *store),
@@ -441,7 +514,14 @@ async def test_no_token_reaches_stderr_across_commands(cloud: MockCloud, store_p
     second = stored(store_path)
     runs.append(await run_sidecar(env, "logout", *store))
     assert [run.code for run in runs] == [0] * len(runs), runs
-    secrets = {grant["accessToken"], grant["refreshToken"], first.access_token, first.refresh_token, second.access_token, second.refresh_token}
+    secrets = {
+        grant["accessToken"],
+        grant["refreshToken"],
+        first.access_token,
+        first.refresh_token,
+        second.access_token,
+        second.refresh_token,
+    }
     assert len(secrets) == 6
     for run in runs:
         assert_no_secrets(run, *secrets)

@@ -185,7 +185,11 @@ def test_wrong_toml_type_is_an_error_naming_the_key(tmp_path: Path, line: str, k
 
 @pytest.mark.parametrize(
     ("line", "key"),
-    [('leeway = "30"', "leeway"), ('allow_remote = "true"', "allow_remote"), ('relogin_status = "511"', "relogin_status")],
+    [
+        ('leeway = "30"', "leeway"),
+        ('allow_remote = "true"', "allow_remote"),
+        ('relogin_status = "511"', "relogin_status"),
+    ],
 )
 def test_quoted_scalar_in_toml_is_a_wrong_type(tmp_path: Path, line: str, key: str) -> None:
     """A TOML string where a number or boolean belongs raises ConfigError naming the key."""

@@ -12,14 +12,27 @@ import asyncio
 import fcntl
 import os
 import random
+import signal
 import stat
 from pathlib import Path
 
 import aiohttp
+from conftest import (
+    TIMEOUT,
+    FakeClock,
+    ManagerFactory,
+    Run,
+    finish,
+    kill_running,
+    poll_until,
+    seed_expired,
+    seed_store,
+    start_sidecar,
+    stored,
+)
 
-from conftest import TIMEOUT, Run, finish, kill_running, poll_until, seed_expired, seed_store, start_sidecar, stored
 from sidecar.mockcloud import MockCloud
-from sidecar.store import TokenStore
+from sidecar.store.file import TokenFile
 
 PROCESSES = 8
 CRASH_ITERATIONS = 30
@@ -42,21 +55,25 @@ async def run_many(env: dict[str, str], count: int, *args: str) -> list[Run]:
 
 async def whoami_status(cloud: MockCloud, access_token: str) -> int:
     """The cloud's answer to whoami with ``access_token``; 200 means it is live."""
-    async with aiohttp.ClientSession() as session, session.get(
-        cloud.base_url + WHOAMI, headers={"Authorization": f"Bearer {access_token}"}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(cloud.base_url + WHOAMI, headers={"Authorization": f"Bearer {access_token}"}) as response,
+    ):
         return response.status
 
 
 async def refresh_status(cloud: MockCloud, refresh_token: str) -> int:
     """Spend ``refresh_token`` at the cloud; 200 means it was live and unspent."""
-    async with aiohttp.ClientSession() as session, session.post(
-        cloud.base_url + REFRESH, json={"refreshToken": refresh_token}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(cloud.base_url + REFRESH, json={"refreshToken": refresh_token}) as response,
+    ):
         return response.status
 
 
-async def test_concurrent_token_processes_share_one_refresh(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_concurrent_token_processes_share_one_refresh(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """Eight ``sidecar token`` processes on one expired store cause exactly one refresh and all print its token."""
     old = seed_expired(store_path, cloud)
     runs = await run_many(env, PROCESSES, "token", "--store", str(store_path))
@@ -68,7 +85,9 @@ async def test_concurrent_token_processes_share_one_refresh(cloud: MockCloud, st
     assert {run.out for run in runs} == {f"{new.access_token}\n"}
 
 
-async def test_concurrent_force_refreshes_serialise_on_the_lock(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_concurrent_force_refreshes_serialise_on_the_lock(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """Eight ``token --force-refresh`` processes each refresh once, in turn, from the pair the previous one wrote.
 
     --force-refresh means "refresh once I hold the lock", so the count is
@@ -93,11 +112,17 @@ def _store_directory_files(store_path: Path) -> tuple[set[str], list[Path]]:
     """(names other than the store, its lock and temp files; the temp files)."""
     directory = store_path.parent
     temps = sorted(directory.glob(f".{store_path.name}.*.tmp"))
-    others = {entry.name for entry in directory.iterdir()} - {store_path.name, store_path.name + ".lock"} - {t.name for t in temps}
+    others = (
+        {entry.name for entry in directory.iterdir()}
+        - {store_path.name, store_path.name + ".lock"}
+        - {t.name for t in temps}
+    )
     return others, temps
 
 
-async def test_sigkill_at_any_moment_leaves_old_or_new_pair(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_sigkill_at_any_moment_leaves_old_or_new_pair(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """SIGKILL at a random instant of ``token --force-refresh`` leaves the seeded pair or its rotated successor, never a torn file."""
     schedule = random.Random(CRASH_SEED)
     outcomes = {"untouched": 0, "spent-not-saved": 0, "rotated": 0}
@@ -113,7 +138,7 @@ async def test_sigkill_at_any_moment_leaves_old_or_new_pair(cloud: MockCloud, st
             pass  # it already finished
         await finish(process)
 
-        snapshot = TokenStore(store_path).read()
+        snapshot = TokenFile(store_path).read()
         assert snapshot.problem is None
         assert snapshot.pair is not None
         if store_path.read_bytes() == seeded_bytes:
@@ -139,7 +164,7 @@ async def test_sigkill_at_any_moment_leaves_old_or_new_pair(cloud: MockCloud, st
 
 def lock_is_free(store_path: Path) -> bool:
     """Whether nobody holds the exclusive lock on ``<store>.lock`` right now."""
-    fd = os.open(TokenStore(store_path).lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(TokenFile(store_path).lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -149,14 +174,18 @@ def lock_is_free(store_path: Path) -> bool:
     return True
 
 
-async def test_sigkill_during_hung_refresh_releases_the_lock(cloud: MockCloud, store_path: Path, env: dict[str, str]) -> None:
+async def test_sigkill_during_hung_refresh_releases_the_lock(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
     """A process killed while holding the lock and waiting on a hung token endpoint does not block the next one."""
     seeded = seed_store(store_path, cloud)
     seeded_bytes = store_path.read_bytes()
     cloud.hang_next_refreshes(1)
     hung = await start_sidecar(env, "token", "--force-refresh", "--store", str(store_path))
     try:
-        await poll_until(lambda: cloud.refresh_calls == 1, TIMEOUT, "the hung refresh reaching the cloud", interval=0.01)
+        await poll_until(
+            lambda: cloud.refresh_calls == 1, TIMEOUT, "the hung refresh reaching the cloud", interval=0.01
+        )
         assert not lock_is_free(store_path)
     finally:
         hung.kill()
@@ -181,3 +210,29 @@ async def test_sigkill_during_hung_refresh_releases_the_lock(cloud: MockCloud, s
     assert run.out == f"{new.access_token}\n"
     assert cloud.refresh_calls == 2
     assert cloud.chain_revocations == 0
+
+
+async def test_lock_held_by_a_stopped_process_makes_refreshes_transient_not_endless(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """A ``sidecar token`` stopped (SIGSTOP, as by Ctrl-Z) while it holds the lock costs others lock_timeout, then a stale token."""
+    seeded = seed_store(store_path, cloud)
+    cloud.hang_next_refreshes(1)
+    holder = await start_sidecar(env, "token", "--force-refresh", "--store", str(store_path))
+    try:
+        await poll_until(lambda: cloud.refresh_calls == 1, TIMEOUT, "the holder's refresh reaching the cloud")
+        holder.send_signal(signal.SIGSTOP)
+        manager = await make_manager()
+        manager.lock_timeout = 0.5
+        clock.advance(86400)
+        token = await asyncio.wait_for(manager.access_token(), TIMEOUT)
+        assert token == seeded.access_token  # the stale token, as on any transient failure
+        assert manager.stats.transient == 1
+        assert "held by another process" in (manager.stats.last_error or "")
+        assert cloud.refresh_calls == 1  # only the stalled holder's
+    finally:
+        holder.kill()
+        await finish(holder)
+    clock.advance(120)  # past the backoff
+    assert await asyncio.wait_for(manager.access_token(), TIMEOUT) != seeded.access_token
+    assert manager.stats.ok == 1

@@ -91,7 +91,7 @@ async def spawn_demo(tmp_path: Path, xdg: Path, demo_tmp: Path) -> AsyncIterator
 
     async def factory(port: int, *args: str) -> tuple[asyncio.subprocess.Process, Path]:
         stderr_path = tmp_path / f"demo-{len(started)}.stderr"
-        stderr = open(stderr_path, "wb")  # noqa: SIM115, ASYNC230 - a local file, closed at teardown after the process is gone
+        stderr = open(stderr_path, "wb")  # noqa: SIM115 - a local file, closed at teardown after the process is gone
         files.append(stderr)
         env = child_env(xdg, TMPDIR=str(demo_tmp))
         process = await start_sidecar(env, "demo", "--listen", f"127.0.0.1:{port}", *args, stderr=stderr)
@@ -114,7 +114,15 @@ def start_demo(spawn_demo: Spawn) -> DemoFactory:
         port = free_port()
         process, stderr_path = await spawn_demo(port, *args)
         out = await read_until_ready(process)
-        return Demo(process, port, out, stderr_path, _field(out, "proxy"), _field(out, "mock cloud"), Path(_field(out, "token store")))
+        return Demo(
+            process,
+            port,
+            out,
+            stderr_path,
+            _field(out, "proxy"),
+            _field(out, "mock cloud"),
+            Path(_field(out, "token store")),
+        )
 
     return factory
 
@@ -261,7 +269,9 @@ async def test_demo_leaves_the_users_store_alone(start_demo: DemoFactory, xdg: P
     """The demo logs in to a throwaway store under TMPDIR; the user's default store stays byte for byte as it was."""
     users = xdg / "sidecar" / "tokens.json"
     users.parent.mkdir(mode=0o700)
-    users.write_bytes(orjson.dumps({"accessToken": "at_user", "refreshToken": "rt_user", "apiUrl": "http://127.0.0.1:9"}))
+    users.write_bytes(
+        orjson.dumps({"accessToken": "at_user", "refreshToken": "rt_user", "apiUrl": "http://127.0.0.1:9"})
+    )
     before = users.read_bytes()
     demo = await start_demo()
     assert demo.store.is_relative_to(demo_tmp)

@@ -10,14 +10,14 @@ import asyncio
 import json
 import re
 import shlex
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
 import yaml
-
 from conftest import SIDECAR, clean_env, free_port, kill_running
+
 from sidecar.config import KEYS, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,13 @@ class Processes:
         self.started: list[asyncio.subprocess.Process] = []
 
     async def start(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         self.started.append(process)
         return process
 
@@ -126,7 +132,7 @@ async def test_container_command_line_serves_and_passes_its_healthcheck(tmp_path
     server = await processes.start([*SIDECAR, *argv[1:]], env)
     await wait_healthy(f"http://127.0.0.1:{port}/_sidecar/health", server)
     [healthcheck] = [rest for word, rest in dockerfile_instructions() if word == "HEALTHCHECK"]
-    probe = json.loads(healthcheck[healthcheck.index("CMD ") + 4:])
+    probe = json.loads(healthcheck[healthcheck.index("CMD ") + 4 :])
     assert probe[0] == "python"
     # The image listens on 8787; point the same probe at this test's port.
     patched = [arg.replace(":8787/", f":{port}/") for arg in probe[1:]]
@@ -174,12 +180,18 @@ async def test_compose_scenario_runs_without_docker(tmp_path: Path, processes: P
     env = clean_env(XDG_CONFIG_HOME=str(tmp_path))
     cloud = await processes.start([*SIDECAR, *cloud_args], env)
     sidecar_env = {**env, **dockerfile_env(), **compose["services"]["sidecar"]["environment"]}
-    sidecar_env.update(SIDECAR_UPSTREAM=f"http://127.0.0.1:{cloud_port}", SIDECAR_STORE=str(tmp_path / "volume" / "tokens.json"), SIDECAR_LISTEN=f"127.0.0.1:{proxy_port}")
+    sidecar_env.update(
+        SIDECAR_UPSTREAM=f"http://127.0.0.1:{cloud_port}",
+        SIDECAR_STORE=str(tmp_path / "volume" / "tokens.json"),
+        SIDECAR_LISTEN=f"127.0.0.1:{proxy_port}",
+    )
     await wait_healthy(f"http://127.0.0.1:{cloud_port}/_mock/stats", cloud)
     server = await processes.start([*SIDECAR, "serve"], sidecar_env)
     await wait_healthy(f"http://127.0.0.1:{proxy_port}/_sidecar/health", server, host="sidecar")
     async with aiohttp.ClientSession() as client:
-        async with client.get(f"http://127.0.0.1:{proxy_port}/api/v1/auth/whoami", headers={"Host": "sidecar:8787"}) as response:
+        async with client.get(
+            f"http://127.0.0.1:{proxy_port}/api/v1/auth/whoami", headers={"Host": "sidecar:8787"}
+        ) as response:
             assert response.status == 200
             assert (await response.json())["name"] == "alice"
     stored = json.loads((tmp_path / "volume" / "tokens.json").read_text())
@@ -188,14 +200,14 @@ async def test_compose_scenario_runs_without_docker(tmp_path: Path, processes: P
 
 def _readme_block_after(heading: str) -> list[str]:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     return re.findall(r"```sh\n(.*?)\n```", section, re.DOTALL)
 
 
 def test_readme_quickstart_is_two_commands_demo_and_ci() -> None:
     """The Quickstart has exactly two commands: one installs and runs the demo, one runs .ci/run."""
     text = (ROOT / "README.md").read_text()
-    quickstart = text[text.index("## Quickstart"):text.index("\n## ", text.index("## Quickstart") + 1)]
+    quickstart = text[text.index("## Quickstart") : text.index("\n## ", text.index("## Quickstart") + 1)]
     commands = [block.strip() for block in re.findall(r"```sh\n(.*?)\n```", quickstart, re.DOTALL)]
     assert len(commands) == 2 and all("\n" not in command for command in commands)
     assert "pip install" in commands[0] and commands[0].endswith("sidecar demo")
@@ -205,5 +217,9 @@ def test_readme_quickstart_is_two_commands_demo_and_ci() -> None:
 def test_readme_test_command_is_what_ci_runs() -> None:
     """The command under "Running the tests" is the last command .ci/run executes."""
     [block] = _readme_block_after("## Running the tests")[:1]
-    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    ci_lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ci_lines[-1] == block.strip()

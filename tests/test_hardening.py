@@ -15,21 +15,34 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-
-from conftest import FakeClock, ManagerFactory, ProxyFactory, RunningProxy, assert_one_line_failure, poll_until, run_sidecar, seed_expired, seed_store, stored
+from conftest import (
+    FakeClock,
+    ManagerFactory,
+    ProxyFactory,
+    RunningProxy,
+    assert_one_line_failure,
+    poll_until,
+    run_sidecar,
+    seed_expired,
+    seed_store,
+    stored,
+)
 from test_proxy import assert_problem, authority, fetch, raw_get, raw_request, wait_for_log_lines
 from test_serve import running_serve
 from test_upstream import OK, Conn, Script, StartUpstream, answer_each, upstream  # noqa: F401 - upstream is the scripted-server fixture
-from sidecar.app import running_sidecar
+
+from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
 from sidecar.errors import StoreError
 from sidecar.manager import TokenManager
 from sidecar.mockcloud import MockCloud
-from sidecar.refresh import Refresher, make_refresher
-from sidecar.store import PendingWrite, TokenStore
+from sidecar.refreshing import Refresher
+from sidecar.server.app import running_sidecar
+from sidecar.store.file import FileStore, TokenFile
 from sidecar.tokens import TokenPair
 
 MIB = 1024 * 1024
@@ -73,7 +86,13 @@ class NoExpiryEndpoint:
 
     async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
         self.calls += 1
-        return TokenPair(access_token=f"at_noexpiry_{self.calls}", refresh_token=f"rt_noexpiry_{self.calls}", api_url=pair.api_url, expires_at=None, obtained_at=now)
+        return TokenPair(
+            access_token=f"at_noexpiry_{self.calls}",
+            refresh_token=f"rt_noexpiry_{self.calls}",
+            api_url=pair.api_url,
+            expires_at=None,
+            obtained_at=now,
+        )
 
 
 class EnoughSleeps(Exception):
@@ -99,31 +118,40 @@ class CountingRefresher:
         return await self.inner.refresh(pair, now)
 
 
-class _FailingWrite(PendingWrite):
-    def commit(self, pair: TokenPair) -> None:
-        self.abort()
-        raise StoreError(f"cannot write token store {self._target}: No space left on device")
+class _FailingWrite:
+    """A prepared write whose commit fails as on a full disk."""
+
+    async def commit(self, pair: TokenPair) -> object:
+        raise StoreError("cannot write token store: No space left on device")
+
+    async def abort(self) -> None:
+        pass
 
 
-class StoreFailingOneCommit(TokenStore):
-    """A token store whose first refresh commit fails, as on a full disk; later writes work."""
+class StoreFailingOneCommit(FileStore):
+    """A file store whose first refresh commit fails, as on a full disk; later writes work."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.failures_left = 1
 
-    def begin_write(self) -> PendingWrite:
+    async def begin_write(self, expected: object) -> Any:
         if self.failures_left:
             self.failures_left -= 1
-            self.ensure_directory()
-            return _FailingWrite(self.path)
-        return super().begin_write()
+            return _FailingWrite()
+        return await super().begin_write(expected)
 
 
 def seed_without_api_url(store_path: Path, clock: FakeClock) -> TokenPair:
     """A store holding an expired pair without apiUrl (so with no upstream configured the refresher has no URL)."""
-    pair = TokenPair(access_token="at_local_stale", refresh_token="rt_local_unknown", api_url=None, expires_at=clock() - 10, obtained_at=clock() - 100)
-    TokenStore(store_path).write(pair)
+    pair = TokenPair(
+        access_token="at_local_stale",
+        refresh_token="rt_local_unknown",
+        api_url=None,
+        expires_at=clock() - 10,
+        obtained_at=clock() - 100,
+    )
+    TokenFile(store_path).write(pair)
     return pair
 
 
@@ -138,12 +166,21 @@ def metric(text: str, name: str) -> float:
 # -- 1. request smuggling ---------------------------------------------------------
 
 
-async def test_connection_naming_content_length_keeps_the_body_framed(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
+async def test_connection_naming_content_length_keeps_the_body_framed(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
     """A body framed by a Content-Length that the Connection header names reaches the upstream framed, and the next request on that connection arrives intact."""
     server = await upstream(answer_each(OK))
     proxy = await make_proxy(upstream=server.url)
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: up\r\n\r\n"
-    head = "\r\n".join(["POST /first HTTP/1.1", f"Host: {authority(proxy.url)}", "Connection: Content-Length", f"Content-Length: {len(smuggled)}"])
+    head = "\r\n".join(
+        [
+            "POST /first HTTP/1.1",
+            f"Host: {authority(proxy.url)}",
+            "Connection: Content-Length",
+            f"Content-Length: {len(smuggled)}",
+        ]
+    )
     first = await raw_request(proxy.url, head, smuggled)
     second = await fetch(client, "GET", proxy.url + "/second")
     conn: Conn = server.conns[0]
@@ -157,7 +194,9 @@ async def test_connection_naming_content_length_keeps_the_body_framed(login: Tok
 # -- 2. refresh storm ----------------------------------------------------------------
 
 
-async def test_grant_without_expiry_is_not_refreshed_on_every_use(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_grant_without_expiry_is_not_refreshed_on_every_use(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """After a grant with no expiry, 20 uses make one refresh call and the next refresh waits the minimum interval."""
     seed_expired(store_path, cloud)
     endpoint = NoExpiryEndpoint()
@@ -172,12 +211,20 @@ async def test_grant_without_expiry_is_not_refreshed_on_every_use(cloud: MockClo
 # -- 3. an unsaved refreshed pair ---------------------------------------------------
 
 
-async def test_unsaved_refreshed_pair_is_not_overridden_by_the_spent_one(cloud: MockCloud, store_path: Path, clock: FakeClock, monotonic: FakeClock) -> None:
+async def test_unsaved_refreshed_pair_is_not_overridden_by_the_spent_one(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, monotonic: FakeClock
+) -> None:
     """When the rotated pair could not be saved, the next refresh spends its refresh token, not the spent one still on disk, and saves the newest pair."""
     first = seed_store(store_path, cloud, obtained_at=clock())
     async with aiohttp.ClientSession() as session:
         settings = Settings(upstream=cloud.base_url, store=str(store_path), read_timeout=5.0)
-        manager = TokenManager(StoreFailingOneCommit(store_path), make_refresher(session, settings), clock=clock, monotonic=monotonic, random=lambda: 0.5)
+        manager = TokenManager(
+            StoreFailingOneCommit(store_path),
+            make_refresher(session, settings),
+            clock=clock,
+            monotonic=monotonic,
+            random=lambda: 0.5,
+        )
         clock.advance(INTO_LEEWAY)
         unsaved = await manager.access_token()
         assert unsaved != first.access_token
@@ -194,7 +241,9 @@ async def test_unsaved_refreshed_pair_is_not_overridden_by_the_spent_one(cloud: 
 # -- 4. shutdown with a refresh in flight ---------------------------------------------
 
 
-async def test_shutdown_waits_for_a_refresh_in_flight_to_save_its_pair(login: TokenPair, cloud: MockCloud, store_path: Path, clock: FakeClock) -> None:
+async def test_shutdown_waits_for_a_refresh_in_flight_to_save_its_pair(
+    login: TokenPair, cloud: MockCloud, store_path: Path, clock: FakeClock
+) -> None:
     """Leaving the running sidecar while a refresh is in flight lets it finish and write the rotated pair to the store."""
     settings = Settings(upstream=cloud.base_url, store=str(store_path), read_timeout=5.0, log_format="json")
     cloud.hang_next_refreshes(1, seconds=0.3)
@@ -212,11 +261,15 @@ async def test_shutdown_waits_for_a_refresh_in_flight_to_save_its_pair(login: To
 # -- 5. oauth2: a wrong client secret ------------------------------------------------
 
 
-async def test_oauth2_wrong_client_secret_is_transient_not_dead(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_oauth2_wrong_client_secret_is_transient_not_dead(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """An oauth2 token endpoint refusing the client (401 invalid_client) keeps the store and the stale token, counting a transient failure."""
     old = seed_store(store_path, cloud)
     cloud.oauth_client = ("cli", "right")
-    manager = await make_manager(flavor="oauth2", token_url=cloud.base_url + "/oauth/token", client_id="cli", client_secret="typo")
+    manager = await make_manager(
+        flavor="oauth2", token_url=cloud.base_url + "/oauth/token", client_id="cli", client_secret="typo"
+    )
     clock.advance(INTO_LEEWAY)
     assert await manager.access_token() == old.access_token
     assert cloud.refresh_calls == 1
@@ -227,13 +280,17 @@ async def test_oauth2_wrong_client_secret_is_transient_not_dead(cloud: MockCloud
 # -- 6. no request text in logs ---------------------------------------------------------
 
 
-async def test_malformed_requests_are_not_quoted_in_the_log(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_malformed_requests_are_not_quoted_in_the_log(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """A header with an invalid character and an oversized header get 400 or a close, and serve's stderr quotes neither, nor a traceback."""
     seed_store(store_path, cloud)
     host = listen.encode()
     bad_cookie = b"GET /api/v1/echo HTTP/1.1\r\nHost: " + host + b"\r\nCookie: session=SUPERSECRETCOOKIE\x01\r\n\r\n"
     huge_header = b"GET /api/v1/echo HTTP/1.1\r\nHost: " + host + b"\r\nX-Big: HUGESECRET" + b"a" * 9000 + b"\r\n\r\n"
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--log-format", "text") as served:
+    async with running_serve(
+        env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--log-format", "text"
+    ) as served:
         for request in (bad_cookie, huge_header):
             head = await raw_head(served.base_url, request)
             assert head == b"" or head.split(b" ", 2)[1] == b"400", head
@@ -246,7 +303,9 @@ async def test_malformed_requests_are_not_quoted_in_the_log(cloud: MockCloud, st
 # -- 7. a ConfigError from the refresher --------------------------------------------------
 
 
-async def test_refresher_config_error_is_transient_with_backoff(store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_refresher_config_error_is_transient_with_backoff(
+    store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """With no upstream anywhere the refresh fails as transient: the stale token is handed out and a second use makes no second attempt."""
     stale = seed_without_api_url(store_path, clock)
     async with aiohttp.ClientSession() as session:
@@ -257,7 +316,9 @@ async def test_refresher_config_error_is_transient_with_backoff(store_path: Path
     assert manager.stats.transient == 1
 
 
-async def test_proactive_loop_backs_off_after_a_refresher_config_error(store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_proactive_loop_backs_off_after_a_refresher_config_error(
+    store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """The proactive loop sleeps through the backoff after a configuration error instead of retrying at once."""
     seed_without_api_url(store_path, clock)
     sleeps = 0
@@ -282,7 +343,9 @@ async def test_proactive_loop_backs_off_after_a_refresher_config_error(store_pat
 # -- 8. refresh beside the traffic -----------------------------------------------------
 
 
-async def test_due_but_valid_token_is_used_while_the_refresh_runs(login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_due_but_valid_token_is_used_while_the_refresh_runs(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """A request with the token inside the leeway but still valid is answered at once with that token while the refresh runs beside it."""
     proxy = await make_proxy()
     clock.advance(INTO_LEEWAY)
@@ -299,7 +362,9 @@ async def test_due_but_valid_token_is_used_while_the_refresh_runs(login: TokenPa
 # -- 9. replay_limit above 1 MiB --------------------------------------------------------
 
 
-async def test_body_over_1_mib_within_replay_limit_is_forwarded(login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession) -> None:
+async def test_body_over_1_mib_within_replay_limit_is_forwarded(
+    login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """With replay_limit 4 MiB, a 2 MiB POST reaches the upstream whole instead of hitting aiohttp's 1 MiB limit."""
     proxy = await make_proxy(replay_limit=4 * MIB)
     body = os.urandom(2 * MIB)
@@ -308,7 +373,9 @@ async def test_body_over_1_mib_within_replay_limit_is_forwarded(login: TokenPair
     assert reply.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
-async def test_body_over_1_mib_within_replay_limit_is_replayed_after_a_401(login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_body_over_1_mib_within_replay_limit_is_replayed_after_a_401(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """With replay_limit 4 MiB, a 2 MiB POST rejected with 401 is replayed after the refresh and succeeds."""
     proxy = await make_proxy(replay_limit=4 * MIB)
     body = os.urandom(2 * MIB)
@@ -330,7 +397,19 @@ async def test_workers_on_a_busy_port_exit_2_at_once(env: dict[str, str], store_
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        run = await run_sidecar(env, "serve", "--workers", "2", "--listen", f"127.0.0.1:{port}", "--store", str(store_path), "--upstream", "http://127.0.0.1:9", timeout=FAIL_FAST)
+        run = await run_sidecar(
+            env,
+            "serve",
+            "--workers",
+            "2",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            str(store_path),
+            "--upstream",
+            "http://127.0.0.1:9",
+            timeout=FAIL_FAST,
+        )
     assert_one_line_failure(run, 2)
     assert "listen" in run.err
 
@@ -343,9 +422,13 @@ async def test_workers_on_a_busy_port_exit_2_at_once(env: dict[str, str], store_
     [("https://user:hunter2secret@example.test", "hunter2secret"), ("http://127.0.0.1:99999", None)],
     ids=["credentials", "port-out-of-range"],
 )
-async def test_bad_upstream_url_is_exit_2(env: dict[str, str], store_path: Path, listen: str, upstream: str, secret: str | None) -> None:
+async def test_bad_upstream_url_is_exit_2(
+    env: dict[str, str], store_path: Path, listen: str, upstream: str, secret: str | None
+) -> None:
     """An upstream URL carrying credentials or an impossible port makes serve exit 2 with one stderr line that does not repeat the password."""
-    run = await run_sidecar(env, "serve", "--listen", listen, "--store", str(store_path), "--upstream", upstream, timeout=FAIL_FAST)
+    run = await run_sidecar(
+        env, "serve", "--listen", listen, "--store", str(store_path), "--upstream", upstream, timeout=FAIL_FAST
+    )
     assert_one_line_failure(run, 2)
     if secret is not None:
         assert secret not in run.err
@@ -361,7 +444,9 @@ async def test_websocket_handshake_with_a_non_latin1_header_is_upgraded(proxy: R
     assert head.startswith(b"HTTP/1.1 101 "), head
 
 
-async def test_websocket_handshake_refused_by_the_upstream_is_a_problem(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_websocket_handshake_refused_by_the_upstream_is_a_problem(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """An upstream refusing the WebSocket handshake with 403 gives the client a 403 upstream-refused-upgrade problem."""
     server = await upstream(answer_each(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"))
     proxy = await make_proxy(upstream=server.url)
@@ -377,7 +462,9 @@ async def test_websocket_handshake_refused_by_the_upstream_is_a_problem(login: T
     [OK, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
     ids=["complete", "streamed"],
 )
-async def test_relayed_response_gains_no_content_type_or_server(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, answer: bytes) -> None:
+async def test_relayed_response_gains_no_content_type_or_server(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, answer: bytes
+) -> None:
     """An upstream answer without Content-Type and Server reaches the client without them."""
     server = await upstream(answer_each(answer))
     proxy = await make_proxy(upstream=server.url)
@@ -391,7 +478,9 @@ async def test_relayed_response_gains_no_content_type_or_server(login: TokenPair
 
 
 @pytest.mark.parametrize("target", ["/api/..;/x", "/api/%2e%2e;jsessionid=1/x"])
-async def test_dot_dot_segment_with_path_parameter_gets_bad_target(proxy: RunningProxy, cloud: MockCloud, target: str) -> None:
+async def test_dot_dot_segment_with_path_parameter_gets_bad_target(
+    proxy: RunningProxy, cloud: MockCloud, target: str
+) -> None:
     """A ".." segment carrying a ;path-parameter (plain or encoded) gets 400 bad-target and is not forwarded."""
     reply = await raw_request(proxy.url, raw_get(proxy, target))
     assert_problem(reply, 400, "bad-target")
@@ -403,7 +492,9 @@ async def test_dot_dot_segment_with_path_parameter_gets_bad_target(proxy: Runnin
 
 async def test_trace_gets_method_not_allowed(proxy: RunningProxy, cloud: MockCloud) -> None:
     """TRACE gets 405 (a bad-target problem) and is not forwarded, so no echo can carry the injected token back."""
-    reply = await raw_request(proxy.url, f"TRACE /api/v1/echo HTTP/1.1\r\nHost: {authority(proxy.url)}\r\nConnection: close")
+    reply = await raw_request(
+        proxy.url, f"TRACE /api/v1/echo HTTP/1.1\r\nHost: {authority(proxy.url)}\r\nConnection: close"
+    )
     assert_problem(reply, 405, "bad-target")
     assert cloud.requests_seen == 0
 
@@ -411,7 +502,9 @@ async def test_trace_gets_method_not_allowed(proxy: RunningProxy, cloud: MockClo
 # -- 16. the non-replayable 401 path -----------------------------------------------------------
 
 
-async def test_not_replayable_401_with_dead_refresh_token_counts_no_relogin(login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_not_replayable_401_with_dead_refresh_token_counts_no_relogin(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """A streamed body's 401, passed on as not-replayable while the refresh token is dead, is not counted as a re-login response."""
     proxy = await make_proxy(replay_limit=1024)
     cloud.revoke_access_tokens()

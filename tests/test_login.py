@@ -23,13 +23,25 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from conftest import TIMEOUT, FakeClock, Run, finish, free_port, kill_running, poll_until, read_lines_until, seed_store, serving, start_sidecar
+from conftest import (
+    TIMEOUT,
+    FakeClock,
+    Run,
+    finish,
+    free_port,
+    kill_running,
+    poll_until,
+    read_lines_until,
+    seed_store,
+    serving,
+    start_sidecar,
+)
 from yarl import URL
 
+from sidecar.auth.login import POLL_PATH, callback_flow, one_time_code, poll_flow
 from sidecar.errors import LoginError
-from sidecar.login import POLL_PATH, callback_flow, one_time_code, poll_flow
 from sidecar.mockcloud import MockCloud
-from sidecar.store import TokenStore
+from sidecar.store.file import TokenFile
 from sidecar.tokens import TokenPair, parse_timestamp
 
 # The poll flow polls about once a second; a few polls must fit.
@@ -120,7 +132,9 @@ async def test_login_exits_0_and_shows_logged_in_page(start: Start, cloud: MockC
     assert "logged in" in page.lower()
 
 
-async def test_login_stores_the_pair_with_expiry(start: Start, cloud: MockCloud, store_path: Path, clock: FakeClock) -> None:
+async def test_login_stores_the_pair_with_expiry(
+    start: Start, cloud: MockCloud, store_path: Path, clock: FakeClock
+) -> None:
     """The store gets both tokens (live at the cloud), apiUrl, expiresAt a day ahead and obtainedAt now."""
     before = time.time()
     run, _, _ = await login_through_browser(start, cloud, store_path)
@@ -290,12 +304,18 @@ def fake_browser(tmp_path: Path) -> tuple[str, Path]:
     return str(script), opened
 
 
-async def test_login_opens_the_browser_at_the_login_url(start: Start, cloud: MockCloud, store_path: Path, fake_browser: tuple[str, Path]) -> None:
+async def test_login_opens_the_browser_at_the_login_url(
+    start: Start, cloud: MockCloud, store_path: Path, fake_browser: tuple[str, Path]
+) -> None:
     """Without --no-browser the command hands the login URL to $BROWSER, and completing it there logs in."""
     command, opened = fake_browser
-    process = await start("login", "--upstream", cloud.base_url, "--store", str(store_path), extra_env={"BROWSER": command})
+    process = await start(
+        "login", "--upstream", cloud.base_url, "--store", str(store_path), extra_env={"BROWSER": command}
+    )
     seen, printed = await read_until(process, LOGIN_URL_MARK)
-    await poll_until(lambda: opened.exists() and opened.read_text().strip(), TIMEOUT, "the browser being asked to open the login URL")
+    await poll_until(
+        lambda: opened.exists() and opened.read_text().strip(), TIMEOUT, "the browser being asked to open the login URL"
+    )
     assert opened.read_text().split() == [printed]
     status, _, _ = await browse(printed)
     run = await finish(process, seen)
@@ -303,7 +323,9 @@ async def test_login_opens_the_browser_at_the_login_url(start: Start, cloud: Moc
     assert run.code == 0, run
 
 
-async def test_login_no_browser_never_starts_the_browser(start: Start, cloud: MockCloud, store_path: Path, fake_browser: tuple[str, Path]) -> None:
+async def test_login_no_browser_never_starts_the_browser(
+    start: Start, cloud: MockCloud, store_path: Path, fake_browser: tuple[str, Path]
+) -> None:
     """With --no-browser the command only prints the URL, even when $BROWSER is set."""
     command, opened = fake_browser
     process = await start(*login_args(cloud, store_path), extra_env={"BROWSER": command})
@@ -336,7 +358,7 @@ async def test_login_creates_store_directory_0700(start: Start, cloud: MockCloud
 
 async def test_login_waits_for_the_store_lock(start: Start, cloud: MockCloud, store_path: Path) -> None:
     """A finished login writes the store only once another process lets go of the store lock."""
-    store = TokenStore(store_path)
+    store = TokenFile(store_path)
     fd = store.acquire_lock()
     try:
         process = await start(*login_args(cloud, store_path))
@@ -368,7 +390,9 @@ async def test_login_interrupted_exits_130_without_traceback(start: Start, cloud
 # -- the poll flow, as a subprocess ------------------------------------------
 
 
-async def test_poll_login_prints_device_url_with_one_time_code(start: Start, cloud: MockCloud, store_path: Path) -> None:
+async def test_poll_login_prints_device_url_with_one_time_code(
+    start: Start, cloud: MockCloud, store_path: Path
+) -> None:
     """``login --flow poll`` prints API/cli-login?code=c_<32 base64url chars> (24 random bytes)."""
     process = await start("login", "--flow", "poll", "--upstream", cloud.base_url, "--store", str(store_path))
     _, url = await read_until(process, DEVICE_URL_MARK)
@@ -418,7 +442,9 @@ async def logged_in(start: Start, cloud: MockCloud, store_path: Path) -> Path:
     return store_path
 
 
-async def test_status_after_login_names_user_upstream_and_time_left(start: Start, cloud: MockCloud, logged_in: Path) -> None:
+async def test_status_after_login_names_user_upstream_and_time_left(
+    start: Start, cloud: MockCloud, logged_in: Path
+) -> None:
     """``sidecar status`` after a login exits 0 and says alice, the upstream and about a day left."""
     run = await finish(await start("status", "--store", str(logged_in)))
     assert run.code == 0, run
@@ -447,7 +473,9 @@ async def announced(urls: list[str], timeout: float = 5.0) -> str:
     return urls[0]
 
 
-async def complete_in_browser(login_flow: Coroutine[Any, Any, TokenPair], urls: list[str]) -> tuple[str, int, TokenPair]:
+async def complete_in_browser(
+    login_flow: Coroutine[Any, Any, TokenPair], urls: list[str]
+) -> tuple[str, int, TokenPair]:
     """Run ``login_flow`` (it announces into ``urls``), open the URL it announces, and wait for its pair: (URL, page status, pair)."""
     flow = asyncio.ensure_future(login_flow)
     try:
@@ -461,7 +489,9 @@ async def complete_in_browser(login_flow: Coroutine[Any, Any, TokenPair], urls: 
 async def test_callback_flow_returns_the_redirected_pair(cloud: MockCloud, clock: FakeClock) -> None:
     """The pair from the cloud's redirect comes back with the upstream as apiUrl and the injected clock as obtainedAt."""
     urls: list[str] = []
-    _, status, pair = await complete_in_browser(callback_flow(cloud.base_url, timeout=5.0, announce=urls.append, clock=clock), urls)
+    _, status, pair = await complete_in_browser(
+        callback_flow(cloud.base_url, timeout=5.0, announce=urls.append, clock=clock), urls
+    )
     assert status == 200
     assert isinstance(pair, TokenPair)
     assert pair.access_token is not None and cloud.access_token_valid(pair.access_token)
@@ -512,7 +542,9 @@ async def test_callback_flow_works_under_a_path_prefix(clock: FakeClock) -> None
     """An upstream with a path prefix gets the login request under that prefix and the pair names it as apiUrl."""
     urls: list[str] = []
     async with serving(MockCloud(prefix="/cloud", clock=clock)) as prefixed:
-        url, status, pair = await complete_in_browser(callback_flow(prefixed.base_url, timeout=5.0, announce=urls.append), urls)
+        url, status, pair = await complete_in_browser(
+            callback_flow(prefixed.base_url, timeout=5.0, announce=urls.append), urls
+        )
     assert url.startswith(prefixed.base_url + "/api/v1/cli/login?")
     assert status == 200
     assert pair.api_url == prefixed.base_url
@@ -531,7 +563,9 @@ async def test_poll_flow_waits_while_pending_then_returns_pair(cloud: MockCloud,
     """poll_flow keeps polling while the code is pending and returns the pair once the device page approves it."""
     urls: list[str] = []
     async with aiohttp.ClientSession() as session:
-        flow = asyncio.ensure_future(poll_flow(cloud.base_url, session, timeout=5.0, announce=urls.append, interval=FAST_INTERVAL, clock=clock))
+        flow = asyncio.ensure_future(
+            poll_flow(cloud.base_url, session, timeout=5.0, announce=urls.append, interval=FAST_INTERVAL, clock=clock)
+        )
         try:
             url = await announced(urls)
             await asyncio.sleep(FAST_INTERVAL * 4)
@@ -550,7 +584,9 @@ async def test_poll_flow_works_under_a_path_prefix(clock: FakeClock) -> None:
     """An upstream with a path prefix gets the device page and the polls under that prefix."""
     urls: list[str] = []
     async with serving(MockCloud(prefix="/cloud", clock=clock)) as prefixed, aiohttp.ClientSession() as session:
-        url, status, pair = await complete_in_browser(poll_flow(prefixed.base_url, session, timeout=5.0, announce=urls.append, interval=FAST_INTERVAL), urls)
+        url, status, pair = await complete_in_browser(
+            poll_flow(prefixed.base_url, session, timeout=5.0, announce=urls.append, interval=FAST_INTERVAL), urls
+        )
     assert url.startswith(prefixed.base_url + "/cli-login?code=c_")
     assert status == 200
     assert pair.access_token is not None and prefixed.access_token_valid(pair.access_token)
@@ -570,7 +606,12 @@ async def test_poll_flow_http_500_is_login_error_naming_it(aiohttp_server: Calla
     server = await aiohttp_server(app)
     async with aiohttp.ClientSession() as session:
         with pytest.raises(LoginError, match="500"):
-            await asyncio.wait_for(poll_flow(str(server.make_url("")), session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL), 5.0)  # type: ignore[attr-defined]
+            await asyncio.wait_for(
+                poll_flow(
+                    str(server.make_url("")), session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL
+                ),
+                5.0,
+            )  # type: ignore[attr-defined]
     assert calls == 1
 
 
@@ -583,13 +624,20 @@ async def test_poll_flow_200_pending_means_wait(aiohttp_server: Callable[..., Aw
         calls += 1
         if calls < 3:
             return web.json_response({"status": "pending"})
-        return web.json_response({"access_token": "at_x", "refresh_token": "rt_x", "access_token_expires_at": "2030-01-01T00:00:00Z"})
+        return web.json_response(
+            {"access_token": "at_x", "refresh_token": "rt_x", "access_token_expires_at": "2030-01-01T00:00:00Z"}
+        )
 
     app = web.Application()
     app.router.add_get(POLL_PATH, poll)
     server = await aiohttp_server(app)
     async with aiohttp.ClientSession() as session:
-        pair = await asyncio.wait_for(poll_flow(str(server.make_url("")), session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL), 5.0)  # type: ignore[attr-defined]
+        pair = await asyncio.wait_for(
+            poll_flow(
+                str(server.make_url("")), session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL
+            ),
+            5.0,
+        )  # type: ignore[attr-defined]
     assert calls == 3
     assert (pair.access_token, pair.refresh_token) == ("at_x", "rt_x")
     assert pair.expires_at == parse_timestamp("2030-01-01T00:00:00Z")
@@ -599,14 +647,25 @@ async def test_poll_flow_times_out_with_login_error(cloud: MockCloud) -> None:
     """A code nobody approves raises LoginError saying it timed out once the timeout passes."""
     async with aiohttp.ClientSession() as session:
         with pytest.raises(LoginError, match="timed out"):
-            await asyncio.wait_for(poll_flow(cloud.base_url, session, timeout=0.3, announce=lambda url: None, interval=FAST_INTERVAL), 5.0)
+            await asyncio.wait_for(
+                poll_flow(cloud.base_url, session, timeout=0.3, announce=lambda url: None, interval=FAST_INTERVAL), 5.0
+            )
 
 
 async def test_poll_flow_unreachable_cloud_is_login_error() -> None:
     """A cloud that refuses the connection raises LoginError saying it could not be reached."""
     async with aiohttp.ClientSession() as session:
         with pytest.raises(LoginError, match="could not be reached"):
-            await asyncio.wait_for(poll_flow(f"http://127.0.0.1:{free_port()}", session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL), 5.0)
+            await asyncio.wait_for(
+                poll_flow(
+                    f"http://127.0.0.1:{free_port()}",
+                    session,
+                    timeout=5.0,
+                    announce=lambda url: None,
+                    interval=FAST_INTERVAL,
+                ),
+                5.0,
+            )
 
 
 def test_one_time_code_is_c_and_24_random_bytes_base64url() -> None:

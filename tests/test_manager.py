@@ -6,16 +6,18 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
 from conftest import FakeClock, ManagerFactory, pair_from_cloud, seed_store
+
 from sidecar.errors import NotLoggedIn, RefreshDead, RefreshTransient
-from sidecar.manager import BACKOFF_MAX, backoff_delay
 from sidecar.mockcloud import MockCloud
-from sidecar.store import TokenStore
+from sidecar.refreshing import BACKOFF_MAX, backoff_delay
+from sidecar.store.file import TokenFile
 from sidecar.tokens import TokenPair
 
 
-async def test_token_not_near_expiry_is_returned_without_refresh(cloud: MockCloud, store_path: Path, make_manager: ManagerFactory) -> None:
+async def test_token_not_near_expiry_is_returned_without_refresh(
+    cloud: MockCloud, store_path: Path, make_manager: ManagerFactory
+) -> None:
     """A token with a day left is handed out as stored, with no refresh call."""
     pair = seed_store(store_path, cloud)
     manager = await make_manager()
@@ -23,7 +25,9 @@ async def test_token_not_near_expiry_is_returned_without_refresh(cloud: MockClou
     assert cloud.refresh_calls == 0
 
 
-async def test_near_expiry_refreshes_once_and_persists_rotated_pair(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_near_expiry_refreshes_once_and_persists_rotated_pair(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """Inside the leeway one refresh happens and the rotated pair with its new expiry is on disk."""
     old = seed_store(store_path, cloud)
     manager = await make_manager()
@@ -31,7 +35,7 @@ async def test_near_expiry_refreshes_once_and_persists_rotated_pair(cloud: MockC
     token = await manager.access_token()
     assert cloud.refresh_calls == 1
     assert token != old.access_token
-    stored = TokenStore(store_path).read().pair
+    stored = TokenFile(store_path).read().pair
     assert stored is not None
     assert stored.access_token == token
     assert stored.refresh_token != old.refresh_token
@@ -39,7 +43,9 @@ async def test_near_expiry_refreshes_once_and_persists_rotated_pair(cloud: MockC
     assert stored.obtained_at == pytest.approx(clock.now, abs=0.01)
 
 
-async def test_invalid_grant_clears_store_and_stops_calling_upstream(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_invalid_grant_clears_store_and_stops_calling_upstream(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """A 403 invalid_grant deletes the store and later calls fail without network traffic."""
     seed_store(store_path, cloud)
     manager = await make_manager()
@@ -55,7 +61,9 @@ async def test_invalid_grant_clears_store_and_stops_calling_upstream(cloud: Mock
     assert manager.stats.dead == 1
 
 
-async def test_transient_5xx_keeps_store_and_returns_stale_token(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_transient_5xx_keeps_store_and_returns_stale_token(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """A 503 from the token endpoint leaves the file byte for byte and hands out the old token."""
     old = seed_store(store_path, cloud)
     before = store_path.read_bytes()
@@ -67,7 +75,9 @@ async def test_transient_5xx_keeps_store_and_returns_stale_token(cloud: MockClou
     assert manager.stats.transient == 1
 
 
-async def test_transient_failure_backs_off_before_next_attempt(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_transient_failure_backs_off_before_next_attempt(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """After a failure no call reaches the token endpoint until the backoff has passed."""
     seed_store(store_path, cloud)
     manager = await make_manager()
@@ -96,7 +106,9 @@ def test_backoff_doubles_from_one_second_to_sixty_with_jitter() -> None:
     assert backoff_delay(50, 0.999) == BACKOFF_MAX
 
 
-async def test_concurrent_callers_share_one_refresh(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_concurrent_callers_share_one_refresh(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """Fifty callers at expiry cause exactly one refresh call and all get its token."""
     seed_store(store_path, cloud)
     manager = await make_manager()
@@ -106,19 +118,25 @@ async def test_concurrent_callers_share_one_refresh(cloud: MockCloud, store_path
     assert len(set(tokens)) == 1
 
 
-async def test_store_without_expiry_refreshes_on_first_use(cloud: MockCloud, store_path: Path, make_manager: ManagerFactory) -> None:
+async def test_store_without_expiry_refreshes_on_first_use(
+    cloud: MockCloud, store_path: Path, make_manager: ManagerFactory
+) -> None:
     """A pair written before expiry was captured is treated as expired."""
     grant = cloud.issue_pair()
-    TokenStore(store_path).write(TokenPair(access_token=grant["accessToken"], refresh_token=grant["refreshToken"], api_url=cloud.base_url))
+    TokenFile(store_path).write(
+        TokenPair(access_token=grant["accessToken"], refresh_token=grant["refreshToken"], api_url=cloud.base_url)
+    )
     manager = await make_manager()
     token = await manager.access_token()
     assert cloud.refresh_calls == 1
     assert token != grant["accessToken"]
-    stored = TokenStore(store_path).read().pair
+    stored = TokenFile(store_path).read().pair
     assert stored is not None and stored.expires_at is not None
 
 
-async def test_short_lived_token_is_not_refreshed_on_every_call(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_short_lived_token_is_not_refreshed_on_every_call(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """A 10 s token under a 120 s leeway refreshes once at half-life, not on each use."""
     seed_store(store_path, cloud, obtained_at=clock.now, access_ttl=10)
     manager = await make_manager(leeway=120)
@@ -132,7 +150,9 @@ async def test_short_lived_token_is_not_refreshed_on_every_call(cloud: MockCloud
     assert cloud.refresh_calls == 1
 
 
-async def test_dead_refresh_adopts_pair_another_process_wrote(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_dead_refresh_adopts_pair_another_process_wrote(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """On invalid_grant the store is re-read and a different pair found there is used, not cleared."""
     seed_store(store_path, cloud)
     winner = pair_from_cloud(cloud.issue_pair(), cloud.base_url)
@@ -141,7 +161,7 @@ async def test_dead_refresh_adopts_pair_another_process_wrote(cloud: MockCloud, 
         """Another process rotates the pair while this refresh is on the wire."""
 
         async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
-            TokenStore(store_path).write(winner)
+            TokenFile(store_path).write(winner)
             raise RefreshDead("token endpoint rejected the refresh token: HTTP 403 (invalid_grant)")
 
     manager = await make_manager(refresher=LosingRefresher())
@@ -151,7 +171,9 @@ async def test_dead_refresh_adopts_pair_another_process_wrote(cloud: MockCloud, 
     assert manager.stats.dead == 0
 
 
-async def test_waiting_for_lock_uses_pair_rotated_meanwhile(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_waiting_for_lock_uses_pair_rotated_meanwhile(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """A manager whose in-memory pair is stale adopts the fresher pair on disk instead of refreshing."""
     seed_store(store_path, cloud)
     first = await make_manager()
@@ -163,7 +185,9 @@ async def test_waiting_for_lock_uses_pair_rotated_meanwhile(cloud: MockCloud, st
     assert cloud.chain_revocations == 0
 
 
-async def test_rejected_token_that_is_no_longer_current_retries_with_current(cloud: MockCloud, store_path: Path, make_manager: ManagerFactory) -> None:
+async def test_rejected_token_that_is_no_longer_current_retries_with_current(
+    cloud: MockCloud, store_path: Path, make_manager: ManagerFactory
+) -> None:
     """A 401 for an old token is answered with the current token, without refreshing."""
     pair = seed_store(store_path, cloud)
     manager = await make_manager()
@@ -171,7 +195,9 @@ async def test_rejected_token_that_is_no_longer_current_retries_with_current(clo
     assert cloud.refresh_calls == 0
 
 
-async def test_rejected_current_token_forces_one_shared_refresh(cloud: MockCloud, store_path: Path, make_manager: ManagerFactory) -> None:
+async def test_rejected_current_token_forces_one_shared_refresh(
+    cloud: MockCloud, store_path: Path, make_manager: ManagerFactory
+) -> None:
     """Twenty callers rejected with the current token share one forced refresh."""
     pair = seed_store(store_path, cloud)
     manager = await make_manager()
@@ -180,7 +206,9 @@ async def test_rejected_current_token_forces_one_shared_refresh(cloud: MockCloud
     assert set(tokens) == {manager.pair.access_token} != {pair.access_token}  # type: ignore[union-attr]
 
 
-async def test_rejected_token_during_backoff_reports_retry_after(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_rejected_token_during_backoff_reports_retry_after(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """While the token endpoint is failing a 401 yields RefreshTransient with the wait left."""
     pair = seed_store(store_path, cloud)
     manager = await make_manager()
@@ -195,22 +223,28 @@ async def test_rejected_token_during_backoff_reports_retry_after(cloud: MockClou
     assert cloud.refresh_calls == 1
 
 
-async def test_oauth2_flavor_refreshes_with_form_and_basic_auth(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_oauth2_flavor_refreshes_with_form_and_basic_auth(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """The oauth2 flavor posts grant_type=refresh_token with client credentials in HTTP Basic."""
     old = seed_store(store_path, cloud)
     cloud.oauth_client = ("cli", "s3cret")
-    manager = await make_manager(flavor="oauth2", token_url=cloud.base_url + "/oauth/token", client_id="cli", client_secret="s3cret", scope="api")
+    manager = await make_manager(
+        flavor="oauth2", token_url=cloud.base_url + "/oauth/token", client_id="cli", client_secret="s3cret", scope="api"
+    )
     clock.advance(86400)
     token = await manager.access_token()
     assert token != old.access_token
     assert cloud.last_oauth_form["grant_type"] == "refresh_token"
     assert cloud.last_oauth_form["scope"] == "api"
-    stored = TokenStore(store_path).read().pair
+    stored = TokenFile(store_path).read().pair
     assert stored is not None and stored.refresh_token != old.refresh_token
     assert stored.expires_at == pytest.approx(clock.now + 86400, abs=1)
 
 
-async def test_oauth2_invalid_grant_is_dead(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_oauth2_invalid_grant_is_dead(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """A 400 invalid_grant from an RFC 6749 endpoint clears the store."""
     seed_store(store_path, cloud)
     cloud.revoke_refresh_tokens()
@@ -222,14 +256,16 @@ async def test_oauth2_invalid_grant_is_dead(cloud: MockCloud, store_path: Path, 
 
 
 @pytest.mark.parametrize("style", ["snake", "expires_in", "no_rotation"])
-async def test_refresh_response_shapes_are_accepted(style: str, cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_refresh_response_shapes_are_accepted(
+    style: str, cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """snake_case names, expires_in and a response without a new refresh token all work."""
     old = seed_store(store_path, cloud)
     cloud.refresh_response_style = style
     manager = await make_manager()
     clock.advance(86400)
     token = await manager.access_token()
-    stored = TokenStore(store_path).read().pair
+    stored = TokenFile(store_path).read().pair
     assert stored is not None and stored.access_token == token != old.access_token
     assert stored.expires_at == pytest.approx(clock.now + 86400, abs=1)
     if style == "no_rotation":
@@ -238,7 +274,9 @@ async def test_refresh_response_shapes_are_accepted(style: str, cloud: MockCloud
         assert stored.refresh_token != old.refresh_token
 
 
-async def test_hung_token_endpoint_is_transient(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_hung_token_endpoint_is_transient(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """A token endpoint that never answers times out and the stored pair stays."""
     old = seed_store(store_path, cloud)
     before = store_path.read_bytes()
@@ -250,10 +288,18 @@ async def test_hung_token_endpoint_is_transient(cloud: MockCloud, store_path: Pa
     assert store_path.read_bytes() == before
 
 
-async def test_unreachable_token_endpoint_is_transient(store_path: Path, clock: FakeClock, make_manager: ManagerFactory, unused_tcp_port: int) -> None:
+async def test_unreachable_token_endpoint_is_transient(
+    store_path: Path, clock: FakeClock, make_manager: ManagerFactory, unused_tcp_port: int
+) -> None:
     """A refused connection keeps the pair and hands out the stale token."""
-    old = TokenPair(access_token="at_x", refresh_token="rt_x", api_url=f"http://127.0.0.1:{unused_tcp_port}", expires_at=clock.now + 30, obtained_at=clock.now - 1000)
-    TokenStore(store_path).write(old)
+    old = TokenPair(
+        access_token="at_x",
+        refresh_token="rt_x",
+        api_url=f"http://127.0.0.1:{unused_tcp_port}",
+        expires_at=clock.now + 30,
+        obtained_at=clock.now - 1000,
+    )
+    TokenFile(store_path).write(old)
     before = store_path.read_bytes()
     manager = await make_manager(upstream=None)
     assert await manager.access_token() == "at_x"
@@ -261,12 +307,14 @@ async def test_unreachable_token_endpoint_is_transient(store_path: Path, clock: 
     assert store_path.read_bytes() == before
 
 
-async def test_manager_follows_logout_and_login_by_other_processes(cloud: MockCloud, store_path: Path, monotonic: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_manager_follows_logout_and_login_by_other_processes(
+    cloud: MockCloud, store_path: Path, monotonic: FakeClock, make_manager: ManagerFactory
+) -> None:
     """A deleted store means logged out and a newly written one is used, without a restart."""
     seed_store(store_path, cloud)
     manager = await make_manager()
     await manager.access_token()
-    TokenStore(store_path).clear()
+    TokenFile(store_path).clear()
     monotonic.advance(2)
     with pytest.raises(NotLoggedIn):
         await manager.access_token()
@@ -274,7 +322,9 @@ async def test_manager_follows_logout_and_login_by_other_processes(cloud: MockCl
     assert await manager.access_token() == fresh.access_token
 
 
-async def test_proactive_loop_refreshes_at_expiry_minus_leeway(cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory) -> None:
+async def test_proactive_loop_refreshes_at_expiry_minus_leeway(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
     """The background loop refreshes once when expiry minus leeway arrives, not before."""
     seed_store(store_path, cloud, obtained_at=clock.now)
     start = clock.now

@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from conftest import FakeClock, serving
 from yarl import URL
 
-from conftest import FakeClock, serving
 from sidecar.mockcloud import MockCloud
 
 REFRESH = "/api/v1/auth/token/refresh"
@@ -52,9 +52,7 @@ def basic(client_id: str, secret: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()}
 
 
-async def refresh(
-    session: aiohttp.ClientSession, cloud: MockCloud, rt: str
-) -> tuple[int, dict[str, Any]]:
+async def refresh(session: aiohttp.ClientSession, cloud: MockCloud, rt: str) -> tuple[int, dict[str, Any]]:
     async with session.post(cloud.base_url + REFRESH, json={"refreshToken": rt}) as resp:
         return resp.status, await resp.json()
 
@@ -91,9 +89,7 @@ async def test_refresh_rotates_and_spends_old_token(
     assert (cloud.refresh_calls, cloud.refresh_ok) == (1, 1)
 
 
-async def test_reused_refresh_token_revokes_whole_family(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_reused_refresh_token_revokes_whole_family(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Presenting a spent refresh token answers 403 invalid_grant and kills every token of that login."""
     pair = cloud.issue_pair()
     other = cloud.issue_pair()
@@ -108,16 +104,12 @@ async def test_reused_refresh_token_revokes_whole_family(
     assert cloud.chain_revocations == 1
 
 
-async def test_unknown_refresh_token_is_invalid_grant(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_unknown_refresh_token_is_invalid_grant(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """A refresh token the cloud never issued answers 403 invalid_grant."""
     assert await refresh(session, cloud, "rt_nope") == (403, {"error": "invalid_grant"})
 
 
-async def test_refresh_without_token_field_is_invalid_request(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_refresh_without_token_field_is_invalid_request(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """A refresh body that is not JSON with a refreshToken answers 400 invalid_request."""
     async with session.post(cloud.base_url + REFRESH, data=b"{nope") as resp:
         assert (resp.status, await resp.json()) == (400, {"error": "invalid_request"})
@@ -125,9 +117,7 @@ async def test_refresh_without_token_field_is_invalid_request(
         assert resp.status == 400
 
 
-async def test_fail_switch_answers_status_and_keeps_token(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_fail_switch_answers_status_and_keeps_token(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """fail_next_refreshes answers the given status n times and leaves the refresh token live."""
     pair = cloud.issue_pair()
     cloud.fail_next_refreshes(2, status=429)
@@ -138,9 +128,7 @@ async def test_fail_switch_answers_status_and_keeps_token(
     assert (cloud.refresh_calls, cloud.refresh_ok) == (3, 1)
 
 
-async def test_hang_switch_stalls_until_client_gives_up(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_hang_switch_stalls_until_client_gives_up(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """hang_next_refreshes stalls the call; a client that gives up has not spent its refresh token."""
     pair = cloud.issue_pair()
     cloud.hang_next_refreshes(1)
@@ -156,9 +144,7 @@ async def test_hang_switch_stalls_until_client_gives_up(
     assert (cloud.refresh_calls, cloud.refresh_ok) == (2, 1)
 
 
-async def test_short_hang_then_answers_normally(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_short_hang_then_answers_normally(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """A hang shorter than the client's patience only delays a normal answer."""
     pair = cloud.issue_pair()
     cloud.hang_next_refreshes(1, seconds=0.1)
@@ -215,9 +201,7 @@ async def test_revoke_access_tokens_makes_protected_endpoints_401(
     assert await echo_status(session, cloud, body["accessToken"]) == 200
 
 
-async def test_revoke_refresh_tokens_kills_refresh(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_revoke_refresh_tokens_kills_refresh(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """After revoke_refresh_tokens every refresh answers 403 invalid_grant."""
     pair = cloud.issue_pair()
     cloud.revoke_refresh_tokens()
@@ -265,9 +249,7 @@ async def test_refresh_response_styles(
         assert body["expires_in"] == 3600
 
 
-async def test_no_rotation_keeps_old_refresh_token_live(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_no_rotation_keeps_old_refresh_token_live(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Without rotation the same refresh token keeps working."""
     cloud.refresh_response_style = "no_rotation"
     pair = cloud.issue_pair()
@@ -292,9 +274,7 @@ async def login(
         return resp
 
 
-async def test_login_redirect_carries_tokens_and_state(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_login_redirect_carries_tokens_and_state(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Browser login redirects to the loopback callback with state, a working pair, expiry and api_url."""
     resp = await login(session, cloud, "http://127.0.0.1:5555/callback")
     assert resp.status == 302
@@ -309,9 +289,7 @@ async def test_login_redirect_carries_tokens_and_state(
     assert status == 200
 
 
-async def test_login_error_switch_redirects_with_error(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_login_error_switch_redirects_with_error(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """With login_error set the redirect carries error and state and no tokens."""
     cloud.login_error = "access_denied"
     resp = await login(session, cloud, "http://localhost:5555/callback")
@@ -327,18 +305,14 @@ async def test_login_omit_expiry_switch(cloud: MockCloud, session: aiohttp.Clien
     assert "access_token" in q and "access_token_expires_at" not in q
 
 
-async def test_login_refuses_non_loopback_redirect(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_login_refuses_non_loopback_redirect(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """A redirect_uri that is not http on loopback answers 400 instead of redirecting."""
     for uri in ("https://127.0.0.1:5555/callback", "http://evil.example/callback", "nonsense"):
         resp = await login(session, cloud, uri)
         assert resp.status == 400
 
 
-async def test_poll_flow_pending_then_approved_once(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_poll_flow_pending_then_approved_once(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Polling is pending until the page is opened, then brings a pair exactly once."""
     poll_url = cloud.base_url + "/api/v1/auth/cli-login/poll"
     code = "c_test-code"
@@ -359,18 +333,14 @@ async def test_poll_flow_pending_then_approved_once(
 async def test_poll_error_switch(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """With poll_error set the poll answers 400 with that error."""
     cloud.poll_error = "access_denied"
-    async with session.get(
-        cloud.base_url + "/api/v1/auth/cli-login/poll", params={"code": "c_x"}
-    ) as resp:
+    async with session.get(cloud.base_url + "/api/v1/auth/cli-login/poll", params={"code": "c_x"}) as resp:
         assert (resp.status, await resp.json()) == (400, {"error": "access_denied"})
 
 
 async def test_whoami(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """whoami names the user for a live token and answers 401 without one."""
     pair = cloud.issue_pair()
-    async with session.get(
-        cloud.base_url + "/api/v1/auth/whoami", headers=bearer(pair["accessToken"])
-    ) as resp:
+    async with session.get(cloud.base_url + "/api/v1/auth/whoami", headers=bearer(pair["accessToken"])) as resp:
         assert await resp.json() == {"name": "alice", "email": "alice@example.test"}
     async with session.get(cloud.base_url + "/api/v1/auth/whoami") as resp:
         assert (resp.status, await resp.json()) == (401, {"error": "invalid_token"})
@@ -379,16 +349,12 @@ async def test_whoami(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
 # -- oauth2 ---------------------------------------------------------------
 
 
-async def test_oauth_refresh_with_basic_client_credentials(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_oauth_refresh_with_basic_client_credentials(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """The RFC 6749 endpoint accepts client credentials via HTTP Basic and rotates the pair."""
     cloud.oauth_client = ("cli", "s3cret")
     pair = cloud.issue_pair()
     form = {"grant_type": "refresh_token", "refresh_token": pair["refreshToken"], "scope": "api"}
-    async with session.post(
-        cloud.base_url + "/oauth/token", data=form, headers=basic("cli", "s3cret")
-    ) as resp:
+    async with session.post(cloud.base_url + "/oauth/token", data=form, headers=basic("cli", "s3cret")) as resp:
         assert resp.status == 200
         body = await resp.json()
     assert body["token_type"] == "Bearer" and body["expires_in"] == 3600
@@ -398,9 +364,7 @@ async def test_oauth_refresh_with_basic_client_credentials(
     assert cloud.last_oauth_basic == ("cli", "s3cret")
 
 
-async def test_oauth_refresh_with_form_client_credentials(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_oauth_refresh_with_form_client_credentials(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Client credentials in the form body are accepted too."""
     cloud.oauth_client = ("cli", "s3cret")
     pair = cloud.issue_pair()
@@ -414,20 +378,14 @@ async def test_oauth_refresh_with_form_client_credentials(
         assert resp.status == 200
 
 
-async def test_oauth_wrong_client_is_invalid_client(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_oauth_wrong_client_is_invalid_client(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Wrong client credentials answer 401 invalid_client and do not spend the refresh token."""
     cloud.oauth_client = ("cli", "s3cret")
     pair = cloud.issue_pair()
     form = {"grant_type": "refresh_token", "refresh_token": pair["refreshToken"]}
-    async with session.post(
-        cloud.base_url + "/oauth/token", data=form, headers=basic("cli", "wrong")
-    ) as resp:
+    async with session.post(cloud.base_url + "/oauth/token", data=form, headers=basic("cli", "wrong")) as resp:
         assert (resp.status, await resp.json()) == (401, {"error": "invalid_client"})
-    async with session.post(
-        cloud.base_url + "/oauth/token", data=form, headers=basic("cli", "s3cret")
-    ) as resp:
+    async with session.post(cloud.base_url + "/oauth/token", data=form, headers=basic("cli", "s3cret")) as resp:
         assert resp.status == 200
 
 
@@ -449,9 +407,7 @@ async def test_oauth_errors(cloud: MockCloud, session: aiohttp.ClientSession) ->
 # -- protected test endpoints ---------------------------------------------
 
 
-async def test_echo_reports_raw_query_byte_for_byte(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_echo_reports_raw_query_byte_for_byte(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Echo reports the query exactly as sent, without decoding or reordering."""
     pair = cloud.issue_pair()
     query = "a=%2F&b=+&a=2&c=%C3%A9"
@@ -508,9 +464,7 @@ async def test_echo_reports_chunked_body(cloud: MockCloud, session: aiohttp.Clie
         for part in parts:
             yield part
 
-    async with session.put(
-        cloud.base_url + ECHO, data=gen(), headers=bearer(pair["accessToken"])
-    ) as resp:
+    async with session.put(cloud.base_url + ECHO, data=gen(), headers=bearer(pair["accessToken"])) as resp:
         body = await resp.json()
     assert body["chunked"] is True
     assert body["body_length"] == 71001
@@ -521,9 +475,7 @@ async def test_upload_counts_and_hashes(cloud: MockCloud, session: aiohttp.Clien
     """Upload answers the received length and SHA-256."""
     pair = cloud.issue_pair()
     data = b"0123456789" * 50000
-    async with session.post(
-        cloud.base_url + "/api/v1/upload", data=data, headers=bearer(pair["accessToken"])
-    ) as resp:
+    async with session.post(cloud.base_url + "/api/v1/upload", data=data, headers=bearer(pair["accessToken"])) as resp:
         assert await resp.json() == {"received": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -559,9 +511,7 @@ async def test_client_hanging_up_mid_stream_logs_no_traceback(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-async def test_sse_events_arrive_one_by_one(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_sse_events_arrive_one_by_one(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Server-sent events arrive as separate writes, spaced by the interval."""
     pair = cloud.issue_pair()
     async with session.get(
@@ -624,9 +574,7 @@ async def test_status_endpoint(cloud: MockCloud, session: aiohttp.ClientSession)
             assert resp.status == code
 
 
-async def test_websocket_echo_requires_bearer(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_websocket_echo_requires_bearer(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """The WebSocket endpoint refuses a handshake without a token and echoes text and binary with one."""
     url = cloud.base_url + "/api/v1/ws"
     with pytest.raises(aiohttp.WSServerHandshakeError) as err:
@@ -639,9 +587,7 @@ async def test_websocket_echo_requires_bearer(
         assert await ws.receive_bytes() == b"\x00\x01"
 
 
-async def test_unauthenticated_upload_gets_401_after_body(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_unauthenticated_upload_gets_401_after_body(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """A large unauthenticated upload is read and answered 401, not reset."""
     async with session.post(cloud.base_url + "/api/v1/upload", data=io.BytesIO(b"z" * (4 << 20))) as resp:
         assert resp.status == 401
@@ -650,9 +596,7 @@ async def test_unauthenticated_upload_gets_401_after_body(
 # -- prefix and control endpoints -----------------------------------------
 
 
-async def test_prefix_puts_every_route_under_it(
-    clock: FakeClock, session: aiohttp.ClientSession
-) -> None:
+async def test_prefix_puts_every_route_under_it(clock: FakeClock, session: aiohttp.ClientSession) -> None:
     """With prefix /cloud every route lives under it and base_url carries it."""
     mock = MockCloud(prefix="/cloud", clock=clock)
     base = await mock.start()
@@ -671,9 +615,7 @@ async def test_prefix_puts_every_route_under_it(
         await mock.stop()
 
 
-async def test_stats_endpoint_does_not_count_itself(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_stats_endpoint_does_not_count_itself(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """Reading /_mock/stats leaves requests_seen unchanged, while other requests count."""
     assert (await stats(session, cloud))["requests_seen"] == 0
     assert (await stats(session, cloud))["requests_seen"] == 0
@@ -687,9 +629,7 @@ async def test_stats_endpoint_does_not_count_itself(
     }
 
 
-async def test_control_endpoints_drive_switches(
-    cloud: MockCloud, session: aiohttp.ClientSession
-) -> None:
+async def test_control_endpoints_drive_switches(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """The /_mock/ control endpoints flip the same switches as the methods."""
     pair = cloud.issue_pair()
     async with session.post(cloud.base_url + "/_mock/fail-refresh?n=1&status=502") as resp:

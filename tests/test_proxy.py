@@ -25,12 +25,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store
 from multidict import CIMultiDict
 from yarl import URL
 
-from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store
 from sidecar.mockcloud import MockCloud
-from sidecar.store import TokenStore
+from sidecar.store.file import TokenFile
 from sidecar.tokens import TokenPair
 
 # The mock cloud's access tokens live a day; one second more is past expiry.
@@ -151,7 +151,9 @@ async def wait_for_log_lines(proxy: RunningProxy, count: int) -> list[dict[str, 
 # -- the problem responses of SPEC §4 ---------------------------------------
 
 
-async def test_without_a_login_requests_get_relogin_required(cloud: MockCloud, make_proxy: ProxyFactory, client: aiohttp.ClientSession) -> None:
+async def test_without_a_login_requests_get_relogin_required(
+    cloud: MockCloud, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """With no token store every request gets 511 relogin-required naming the login command, and the upstream sees nothing."""
     p = await make_proxy()
     reply = await fetch(client, "GET", p.url + "/api/v1/echo")
@@ -160,7 +162,9 @@ async def test_without_a_login_requests_get_relogin_required(cloud: MockCloud, m
     assert cloud.requests_seen == 0
 
 
-async def test_dead_refresh_token_gets_relogin_required(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_dead_refresh_token_gets_relogin_required(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """An expired token whose refresh token is rejected gets 511 relogin-required after one refresh call and nothing else upstream."""
     cloud.revoke_refresh_tokens()
     clock.advance(PAST_EXPIRY)
@@ -171,7 +175,9 @@ async def test_dead_refresh_token_gets_relogin_required(proxy: RunningProxy, clo
     assert cloud.requests_seen == 1  # the refresh call only
 
 
-async def test_relogin_hint_names_the_stores_upstream_after_it_is_cleared(login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_relogin_hint_names_the_stores_upstream_after_it_is_cleared(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """With the upstream taken from the store's apiUrl, the 511 after a dead refresh token still names that upstream."""
     p = await make_proxy(upstream=None)
     cloud.revoke_refresh_tokens()
@@ -180,7 +186,9 @@ async def test_relogin_hint_names_the_stores_upstream_after_it_is_cleared(login:
     assert document["login"] == f"sidecar login --upstream {cloud.base_url}"
 
 
-async def test_relogin_status_setting_replaces_511(cloud: MockCloud, make_proxy: ProxyFactory, client: aiohttp.ClientSession) -> None:
+async def test_relogin_status_setting_replaces_511(
+    cloud: MockCloud, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """relogin_status=401 makes the re-login response a 401, still relogin-required."""
     p = await make_proxy(relogin_status=401)
     reply = await fetch(client, "GET", p.url + "/api/v1/echo")
@@ -189,7 +197,9 @@ async def test_relogin_status_setting_replaces_511(cloud: MockCloud, make_proxy:
     assert cloud.requests_seen == 0
 
 
-async def test_transient_refresh_failure_after_401_gets_refresh_unavailable(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_transient_refresh_failure_after_401_gets_refresh_unavailable(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """A 401 from the upstream while the token endpoint fails gets 503 refresh-unavailable with Retry-After."""
     cloud.revoke_access_tokens()
     cloud.fail_next_refreshes(1)
@@ -199,7 +209,9 @@ async def test_transient_refresh_failure_after_401_gets_refresh_unavailable(prox
     assert cloud.refresh_calls == 1
 
 
-async def test_401s_while_backing_off_do_not_call_the_token_endpoint(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_401s_while_backing_off_do_not_call_the_token_endpoint(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """After a failed refresh, further 401s get 503 refresh-unavailable without another refresh call until the backoff ends."""
     cloud.revoke_access_tokens()
     cloud.fail_next_refreshes(1)
@@ -208,7 +220,9 @@ async def test_401s_while_backing_off_do_not_call_the_token_endpoint(proxy: Runn
     assert cloud.refresh_calls == 1
 
 
-async def test_after_the_backoff_a_401_refreshes_and_succeeds(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_after_the_backoff_a_401_refreshes_and_succeeds(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """Once the backoff after a failed refresh has passed, the next 401 refreshes and the request succeeds."""
     cloud.revoke_access_tokens()
     cloud.fail_next_refreshes(1)
@@ -218,10 +232,14 @@ async def test_after_the_backoff_a_401_refreshes_and_succeeds(proxy: RunningProx
     assert cloud.refresh_calls == 2
 
 
-async def test_no_access_token_and_failing_refresh_gets_refresh_unavailable(store_path: Path, cloud: MockCloud, make_proxy: ProxyFactory, client: aiohttp.ClientSession) -> None:
+async def test_no_access_token_and_failing_refresh_gets_refresh_unavailable(
+    store_path: Path, cloud: MockCloud, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """A store holding only a refresh token, while the token endpoint fails, gets 503 refresh-unavailable with Retry-After."""
     grant = cloud.issue_pair()
-    TokenStore(store_path).write(TokenPair(access_token=None, refresh_token=grant["refreshToken"], api_url=cloud.base_url))
+    TokenFile(store_path).write(
+        TokenPair(access_token=None, refresh_token=grant["refreshToken"], api_url=cloud.base_url)
+    )
     cloud.fail_next_refreshes(1)
     p = await make_proxy()
     reply = await fetch(client, "GET", p.url + "/api/v1/echo")
@@ -230,7 +248,9 @@ async def test_no_access_token_and_failing_refresh_gets_refresh_unavailable(stor
     assert (cloud.refresh_calls, cloud.requests_seen) == (1, 1)  # the refresh only
 
 
-async def test_unreachable_upstream_gets_upstream_unreachable(login: TokenPair, cloud: MockCloud, make_proxy: ProxyFactory, client: aiohttp.ClientSession, unused_tcp_port: int) -> None:
+async def test_unreachable_upstream_gets_upstream_unreachable(
+    login: TokenPair, cloud: MockCloud, make_proxy: ProxyFactory, client: aiohttp.ClientSession, unused_tcp_port: int
+) -> None:
     """An upstream port nobody listens on gets 502 upstream-unreachable."""
     p = await make_proxy(upstream=f"http://127.0.0.1:{unused_tcp_port}")
     reply = await fetch(client, "GET", p.url + "/api/v1/echo")
@@ -238,7 +258,9 @@ async def test_unreachable_upstream_gets_upstream_unreachable(login: TokenPair, 
     assert cloud.requests_seen == 0
 
 
-async def test_slow_upstream_gets_upstream_timeout(login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession) -> None:
+async def test_slow_upstream_gets_upstream_timeout(
+    login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """An upstream that answers after read_timeout gets 504 upstream-timeout, without waiting for it."""
     p = await make_proxy(read_timeout=0.3)
     started = asyncio.get_running_loop().time()
@@ -251,7 +273,9 @@ async def test_slow_upstream_gets_upstream_timeout(login: TokenPair, make_proxy:
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8787", "localhost.evil.example", "127.0.0.2"])
-async def test_foreign_host_header_gets_host_not_allowed(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession, host: str) -> None:
+async def test_foreign_host_header_gets_host_not_allowed(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession, host: str
+) -> None:
     """A Host outside allowed_hosts (DNS rebinding) gets 403 host-not-allowed and is not forwarded."""
     reply = await fetch(client, "GET", proxy.url + "/api/v1/echo", headers={"Host": host})
     assert_problem(reply, 403, "host-not-allowed")
@@ -269,36 +293,56 @@ async def test_localhost_with_any_port_is_an_allowed_host(proxy: RunningProxy, c
     [{"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}],
     ids=["foreign-origin", "null-origin", "sec-fetch-site"],
 )
-async def test_cross_site_request_gets_origin_not_allowed(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession, headers: dict[str, str]) -> None:
+async def test_cross_site_request_gets_origin_not_allowed(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
     """A cross-site browser request gets 403 origin-not-allowed and is not forwarded."""
     reply = await fetch(client, "GET", proxy.url + "/api/v1/echo", headers=headers)
     assert_problem(reply, 403, "origin-not-allowed")
     assert cloud.requests_seen == 0
 
 
-async def test_cross_site_fetch_is_refused_even_with_own_origin(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_cross_site_fetch_is_refused_even_with_own_origin(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """Sec-Fetch-Site: cross-site wins over an Origin that looks like the sidecar's own."""
-    reply = await fetch(client, "GET", proxy.url + "/api/v1/echo", headers={"Origin": proxy.url, "Sec-Fetch-Site": "cross-site"})
+    reply = await fetch(
+        client, "GET", proxy.url + "/api/v1/echo", headers={"Origin": proxy.url, "Sec-Fetch-Site": "cross-site"}
+    )
     assert_problem(reply, 403, "origin-not-allowed")
     assert cloud.requests_seen == 0
 
 
-async def test_listed_origin_is_allowed(login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession) -> None:
+async def test_listed_origin_is_allowed(
+    login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """An Origin in allowed_origins is forwarded."""
     p = await make_proxy(allowed_origins=("http://app.example",))
-    reply = await fetch(client, "GET", p.url + "/api/v1/echo", headers={"Origin": "http://app.example", "Sec-Fetch-Site": "same-site"})
+    reply = await fetch(
+        client, "GET", p.url + "/api/v1/echo", headers={"Origin": "http://app.example", "Sec-Fetch-Site": "same-site"}
+    )
     assert reply.status == 200
 
 
 async def test_own_origin_is_allowed(proxy: RunningProxy, client: aiohttp.ClientSession) -> None:
     """A page served by the sidecar's own origin may call it."""
-    reply = await fetch(client, "GET", proxy.url + "/api/v1/echo", headers={"Origin": proxy.url, "Sec-Fetch-Site": "same-origin"})
+    reply = await fetch(
+        client, "GET", proxy.url + "/api/v1/echo", headers={"Origin": proxy.url, "Sec-Fetch-Site": "same-origin"}
+    )
     assert reply.status == 200
 
 
 @pytest.mark.parametrize(
     "target",
-    ["/api/../x", "/api/%2e%2e/x", "/api/%252e%252e/x", "/a/..%2fb", "/api/v1/echo/%2E%2E", "/api/./x", "/api/v1/echo/..%5c..%5cx"],
+    [
+        "/api/../x",
+        "/api/%2e%2e/x",
+        "/api/%252e%252e/x",
+        "/a/..%2fb",
+        "/api/v1/echo/%2E%2E",
+        "/api/./x",
+        "/api/v1/echo/..%5c..%5cx",
+    ],
 )
 async def test_dot_segment_target_gets_bad_target(proxy: RunningProxy, cloud: MockCloud, target: str) -> None:
     """A path with a dot-segment, encoded once or twice, gets 400 bad-target and is not forwarded."""
@@ -328,7 +372,9 @@ async def test_connect_gets_method_not_allowed(proxy: RunningProxy, cloud: MockC
 # -- refreshing and the 401 path (SPEC §3) ----------------------------------
 
 
-async def test_requests_at_expiry_share_one_refresh(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path) -> None:
+async def test_requests_at_expiry_share_one_refresh(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path
+) -> None:
     """200 concurrent requests at expiry cause exactly one refresh call and all succeed with the new token."""
     clock.advance(PAST_EXPIRY)
     replies = await asyncio.gather(*(fetch(client, "GET", proxy.url + "/api/v1/echo") for _ in range(200)))
@@ -338,7 +384,9 @@ async def test_requests_at_expiry_share_one_refresh(proxy: RunningProxy, cloud: 
     assert {reply.json()["authorization"] for reply in replies} == {f"Bearer {current}"}
 
 
-async def test_revoked_token_is_refreshed_and_the_body_replayed(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_revoked_token_is_refreshed_and_the_body_replayed(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """After a server-side revocation a 100 KiB POST succeeds after one refresh, with identical bytes upstream."""
     body = os.urandom(100 * 1024)
     cloud.revoke_access_tokens()
@@ -349,7 +397,9 @@ async def test_revoked_token_is_refreshed_and_the_body_replayed(proxy: RunningPr
     assert cloud.refresh_calls == 1
 
 
-async def test_replayed_request_is_logged_as_retried_and_refreshed(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_replayed_request_is_logged_as_retried_and_refreshed(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """The access-log line of a request replayed after a 401 says retried and refreshed."""
     cloud.revoke_access_tokens()
     reply = await fetch(client, "POST", proxy.url + "/api/v1/echo", data=b"x" * 1000)
@@ -364,7 +414,9 @@ async def _chunks(data: bytes, size: int = 512) -> AsyncIterator[bytes]:
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-async def test_body_over_replay_limit_gets_the_401_marked_not_replayable(login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession, framing: str) -> None:
+async def test_body_over_replay_limit_gets_the_401_marked_not_replayable(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession, framing: str
+) -> None:
     """A body over replay_limit is not replayed: the client gets the 401 with X-Sidecar-Retry, the refresh still happens."""
     p = await make_proxy(replay_limit=1024)
     body = os.urandom(4096)
@@ -379,7 +431,9 @@ async def test_body_over_replay_limit_gets_the_401_marked_not_replayable(login: 
     assert cloud.refresh_calls == 1
 
 
-async def test_concurrent_401s_with_one_token_share_one_refresh(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_concurrent_401s_with_one_token_share_one_refresh(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """Ten requests rejected with the same revoked token cause one refresh and all succeed."""
     cloud.revoke_access_tokens()
     replies = await asyncio.gather(*(fetch(client, "GET", proxy.url + "/api/v1/echo") for _ in range(10)))
@@ -387,7 +441,9 @@ async def test_concurrent_401s_with_one_token_share_one_refresh(proxy: RunningPr
     assert cloud.refresh_calls == 1
 
 
-async def test_401_for_a_token_already_replaced_retries_without_refreshing(login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_401_for_a_token_already_replaced_retries_without_refreshing(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """A 401 for a token another process already replaced is retried with the replacement, not refreshed again."""
     first = await make_proxy()
     second = await make_proxy()
@@ -403,7 +459,9 @@ async def test_401_for_a_token_already_replaced_retries_without_refreshing(login
     assert lines[-1]["retried"] is True
 
 
-async def test_persistent_401_is_passed_on_after_one_retry(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_persistent_401_is_passed_on_after_one_retry(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """An upstream that keeps answering 401 gets one refresh and one retry, then the client sees its 401."""
     reply = await fetch(client, "GET", proxy.url + "/api/v1/status/401")
     assert reply.status == 401
@@ -415,7 +473,9 @@ async def test_persistent_401_is_passed_on_after_one_retry(proxy: RunningProxy, 
 # -- a refresh token that dies mid-traffic ---------------------------------
 
 
-async def lose_login_mid_traffic(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> list[Reply]:
+async def lose_login_mid_traffic(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> list[Reply]:
     """Serve some requests, then kill the refresh token and expire the access token; 20 concurrent requests' replies."""
     for _ in range(5):
         assert (await fetch(client, "GET", proxy.url + "/api/v1/echo")).status == 200
@@ -424,7 +484,9 @@ async def lose_login_mid_traffic(proxy: RunningProxy, cloud: MockCloud, clock: F
     return await asyncio.gather(*(fetch(client, "GET", proxy.url + "/api/v1/echo") for _ in range(20)))
 
 
-async def test_dead_refresh_token_mid_traffic_gives_every_client_relogin_required(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_dead_refresh_token_mid_traffic_gives_every_client_relogin_required(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """When the refresh token dies, every concurrent request gets 511 after a single refresh call."""
     replies = await lose_login_mid_traffic(proxy, cloud, clock, client)
     for reply in replies:
@@ -432,7 +494,9 @@ async def test_dead_refresh_token_mid_traffic_gives_every_client_relogin_require
     assert cloud.refresh_calls == 1
 
 
-async def test_after_a_dead_refresh_token_the_upstream_is_left_alone(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_after_a_dead_refresh_token_the_upstream_is_left_alone(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """Once the refresh token is dead, further requests get 511 without reaching the cloud."""
     await lose_login_mid_traffic(proxy, cloud, clock, client)
     seen = cloud.requests_seen
@@ -441,13 +505,17 @@ async def test_after_a_dead_refresh_token_the_upstream_is_left_alone(proxy: Runn
     assert cloud.requests_seen == seen
 
 
-async def test_dead_refresh_token_deletes_the_store(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path) -> None:
+async def test_dead_refresh_token_deletes_the_store(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path
+) -> None:
     """A dead refresh token clears the token store file."""
     await lose_login_mid_traffic(proxy, cloud, clock, client)
     assert not store_path.exists()
 
 
-async def test_new_login_is_used_without_a_restart(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path) -> None:
+async def test_new_login_is_used_without_a_restart(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path
+) -> None:
     """After a dead refresh token, a new pair landing in the store is used by the very next request."""
     await lose_login_mid_traffic(proxy, cloud, clock, client)
     fresh = seed_store(store_path, cloud, obtained_at=clock())
@@ -459,7 +527,14 @@ async def test_new_login_is_used_without_a_restart(proxy: RunningProxy, cloud: M
 # -- secrets never reach the logs -------------------------------------------
 
 
-async def test_no_token_value_is_ever_logged(store_path: Path, cloud: MockCloud, clock: FakeClock, make_proxy: ProxyFactory, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_token_value_is_ever_logged(
+    store_path: Path,
+    cloud: MockCloud,
+    clock: FakeClock,
+    make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Through refreshes, a 401 retry, a failing refresh and a dead refresh token, no token value appears in any log."""
     caplog.set_level(logging.DEBUG)
     first = seed_store(store_path, cloud, obtained_at=clock())
@@ -486,7 +561,9 @@ async def test_no_token_value_is_ever_logged(store_path: Path, cloud: MockCloud,
     assert [token for token in tokens if token in logged] == []
 
 
-async def test_client_secrets_are_never_logged(proxy: RunningProxy, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+async def test_client_secrets_are_never_logged(
+    proxy: RunningProxy, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
     """The client's Authorization, cookies and query string stay out of the access log and the logs."""
     caplog.set_level(logging.DEBUG)
     secrets = {"authorization": "Bearer client-authz-4711", "cookie": "session=cookie-4712", "query": "query-4713"}

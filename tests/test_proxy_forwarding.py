@@ -17,12 +17,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
-
 from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store, serving
+from multidict import CIMultiDict
+from test_proxy import authority, fetch, raw_get, raw_request
+
 from sidecar.mockcloud import MockCloud
 from sidecar.tokens import TokenPair
-from test_proxy import authority, fetch, raw_get, raw_request
 
 # Every hop-by-hop header the header test sends, and one named in Connection.
 HOP_BY_HOP_SENT = ("Connection", "X-Drop-Me", "Keep-Alive", "TE", "Proxy-Authorization", "Proxy-Connection")
@@ -80,7 +80,9 @@ async def prefix_cloud(clock: FakeClock) -> AsyncIterator[MockCloud]:
 
 
 @pytest.fixture
-async def prefix_proxy(prefix_cloud: MockCloud, store_path: Path, clock: FakeClock, make_proxy: ProxyFactory) -> RunningProxy:
+async def prefix_proxy(
+    prefix_cloud: MockCloud, store_path: Path, clock: FakeClock, make_proxy: ProxyFactory
+) -> RunningProxy:
     """A logged-in proxy whose upstream has the path prefix /cloud."""
     seed_store(store_path, prefix_cloud, obtained_at=clock())
     return await make_proxy(upstream=prefix_cloud.base_url)
@@ -164,9 +166,17 @@ async def test_hop_by_hop_request_headers_are_dropped(proxy: RunningProxy) -> No
     assert ("x-keep-me", "kept") in upstream_headers(echo)
 
 
-async def test_hop_by_hop_response_headers_are_dropped(recorded_proxy: RunningProxy, recorder: RecordingUpstream, client: aiohttp.ClientSession) -> None:
+async def test_hop_by_hop_response_headers_are_dropped(
+    recorded_proxy: RunningProxy, recorder: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
     """Hop-by-hop headers of the upstream's response, and those it names in Connection, never reach the client."""
-    recorder.response_headers = [("Connection", "X-Resp-Drop"), ("X-Resp-Drop", "1"), ("Keep-Alive", "timeout=5"), ("Proxy-Authenticate", "Basic"), ("X-Resp-Keep", "kept")]
+    recorder.response_headers = [
+        ("Connection", "X-Resp-Drop"),
+        ("X-Resp-Drop", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Authenticate", "Basic"),
+        ("X-Resp-Keep", "kept"),
+    ]
     reply = await fetch(client, "GET", recorded_proxy.url + "/x")
     assert reply.status == 200
     assert reply.headers.get("X-Resp-Keep") == "kept"
@@ -177,7 +187,9 @@ async def test_hop_by_hop_response_headers_are_dropped(recorded_proxy: RunningPr
 async def test_client_authorization_is_replaced_by_the_bearer_token(proxy: RunningProxy, login: TokenPair) -> None:
     """The client's Authorization is replaced by exactly one Bearer header with the current token."""
     echo = (await raw_request(proxy.url, raw_get(proxy, "/api/v1/echo", "Authorization: Basic Zm9vOmJhcg=="))).json()
-    assert [value for name, value in upstream_headers(echo) if name == "authorization"] == [f"Bearer {login.access_token}"]
+    assert [value for name, value in upstream_headers(echo) if name == "authorization"] == [
+        f"Bearer {login.access_token}"
+    ]
 
 
 async def test_host_is_the_upstreams(proxy: RunningProxy, cloud: MockCloud) -> None:
@@ -191,11 +203,17 @@ async def test_host_is_the_upstreams(proxy: RunningProxy, cloud: MockCloud) -> N
     [
         ("GET /api/v1/echo HTTP/1.1", b"", ["authorization", "host"]),
         ("POST /api/v1/echo HTTP/1.1\r\nContent-Length: 5", b"hello", ["authorization", "content-length", "host"]),
-        ("POST /api/v1/echo HTTP/1.1\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n", ["authorization", "host", "transfer-encoding"]),
+        (
+            "POST /api/v1/echo HTTP/1.1\r\nTransfer-Encoding: chunked",
+            b"5\r\nhello\r\n0\r\n\r\n",
+            ["authorization", "host", "transfer-encoding"],
+        ),
     ],
     ids=["get", "post-content-length", "post-chunked"],
 )
-async def test_no_header_is_added_that_the_client_did_not_send(proxy: RunningProxy, head: str, body: bytes, expected: list[str]) -> None:
+async def test_no_header_is_added_that_the_client_did_not_send(
+    proxy: RunningProxy, head: str, body: bytes, expected: list[str]
+) -> None:
     """A request with only Host (and its framing) reaches the upstream with no Accept, User-Agent, Accept-Encoding or Content-Type added."""
     method_line, *rest = head.split("\r\n")
     full = "\r\n".join([method_line, f"Host: {authority(proxy.url)}", "Connection: close", *rest])
@@ -223,12 +241,18 @@ async def test_body_keeps_its_framing(login: TokenPair, make_proxy: ProxyFactory
         wire = body
     else:
         head += "\r\nTransfer-Encoding: chunked"
-        wire = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in (body[:700], body[700:]) if piece) + b"0\r\n\r\n"
+        wire = (
+            b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in (body[:700], body[700:]) if piece)
+            + b"0\r\n\r\n"
+        )
     echo = (await raw_request(p.url, head, wire)).json()
     assert (echo["body_length"], echo["body_sha256"]) == (size, hashlib.sha256(body).hexdigest())
     assert echo["chunked"] is (framing == "chunked")
     names = upstream_header_names(echo)
-    assert ("content-length" in names, "transfer-encoding" in names) == (framing == "content-length", framing == "chunked")
+    assert ("content-length" in names, "transfer-encoding" in names) == (
+        framing == "content-length",
+        framing == "chunked",
+    )
 
 
 async def test_cookies_reach_the_upstream_unchanged(proxy: RunningProxy) -> None:
@@ -238,7 +262,9 @@ async def test_cookies_reach_the_upstream_unchanged(proxy: RunningProxy) -> None
     assert [value for name, value in upstream_headers(echo) if name == "cookie"] == [cookie]
 
 
-async def test_repeated_response_headers_all_reach_the_client(recorded_proxy: RunningProxy, recorder: RecordingUpstream, client: aiohttp.ClientSession) -> None:
+async def test_repeated_response_headers_all_reach_the_client(
+    recorded_proxy: RunningProxy, recorder: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
     """Several Set-Cookie headers from the upstream reach the client, each unchanged."""
     cookies = ["a=1; Path=/; HttpOnly", 'b="x y"; Max-Age=60']
     recorder.response_headers = [("Set-Cookie", cookie) for cookie in cookies]
@@ -246,7 +272,9 @@ async def test_repeated_response_headers_all_reach_the_client(recorded_proxy: Ru
     assert reply.headers.getall("Set-Cookie") == cookies
 
 
-async def test_truncated_upstream_body_never_looks_complete(login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession) -> None:
+async def test_truncated_upstream_body_never_looks_complete(
+    login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """When the upstream dies mid-way through a chunked body, the client sees a broken body, not a short complete one."""
 
     async def dying_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -268,7 +296,9 @@ async def test_truncated_upstream_body_never_looks_complete(login: TokenPair, ma
 # -- redirects -------------------------------------------------------------------
 
 
-async def test_redirect_inside_the_upstream_points_at_the_sidecar(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_redirect_inside_the_upstream_points_at_the_sidecar(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """An upstream 302 to itself is passed on, not followed, with Location rewritten to the sidecar."""
     reply = await fetch(client, "GET", proxy.url + "/api/v1/redirect", params={"to": "/api/v1/echo?x=1"})
     assert reply.status == 302
@@ -276,7 +306,9 @@ async def test_redirect_inside_the_upstream_points_at_the_sidecar(proxy: Running
     assert cloud.requests_seen == 1
 
 
-async def test_redirect_elsewhere_keeps_its_location(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_redirect_elsewhere_keeps_its_location(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """An upstream 302 to another site is passed on unchanged and not followed."""
     reply = await fetch(client, "GET", proxy.url + "/api/v1/redirect-external")
     assert reply.status == 302
@@ -284,7 +316,9 @@ async def test_redirect_elsewhere_keeps_its_location(proxy: RunningProxy, cloud:
     assert cloud.requests_seen == 1
 
 
-async def test_redirect_inside_the_prefix_loses_the_prefix(prefix_proxy: RunningProxy, client: aiohttp.ClientSession) -> None:
+async def test_redirect_inside_the_prefix_loses_the_prefix(
+    prefix_proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
     """A Location under the upstream's prefix is rewritten to the sidecar without the prefix."""
     reply = await fetch(client, "GET", prefix_proxy.url + "/api/v1/redirect", params={"to": "/api/v1/echo"})
     assert reply.status == 302
@@ -313,7 +347,9 @@ async def test_gzip_response_passes_compressed(proxy: RunningProxy, client: aioh
     assert reply.body == gzip.compress(b"hello gzip " * 100, mtime=0)
 
 
-async def test_gzip_request_body_passes_compressed(recorded_proxy: RunningProxy, recorder: RecordingUpstream, client: aiohttp.ClientSession) -> None:
+async def test_gzip_request_body_passes_compressed(
+    recorded_proxy: RunningProxy, recorder: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
     """A gzip-encoded request body reaches the upstream byte-identical with its Content-Encoding."""
     body = gzip.compress(b"compressed request " * 500)
     reply = await fetch(client, "POST", recorded_proxy.url + "/upload", data=body, headers={"Content-Encoding": "gzip"})
@@ -326,7 +362,9 @@ WS_BUG = "BUG: proxy.py passes skip_auto_headers= to ClientSession.ws_connect(),
 
 
 @pytest.mark.parametrize("message", ["hello over ws", b"\x00\xffbinary\x80"], ids=["text", "binary"])
-async def test_websocket_echo_through_the_proxy(proxy: RunningProxy, client: aiohttp.ClientSession, message: str | bytes) -> None:
+async def test_websocket_echo_through_the_proxy(
+    proxy: RunningProxy, client: aiohttp.ClientSession, message: str | bytes
+) -> None:
     """Text and binary WebSocket frames cross the proxy both ways unchanged."""
     async with client.ws_connect(proxy.url + "/api/v1/ws") as ws:
         if isinstance(message, str):
@@ -338,7 +376,9 @@ async def test_websocket_echo_through_the_proxy(proxy: RunningProxy, client: aio
     assert answer.type == (aiohttp.WSMsgType.TEXT if isinstance(message, str) else aiohttp.WSMsgType.BINARY)
 
 
-async def test_websocket_handshake_with_revoked_token_refreshes_once(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+async def test_websocket_handshake_with_revoked_token_refreshes_once(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
     """A WebSocket handshake the upstream refuses with 401 is retried after one refresh and succeeds."""
     cloud.revoke_access_tokens()
     async with client.ws_connect(proxy.url + "/api/v1/ws") as ws:
@@ -348,7 +388,9 @@ async def test_websocket_handshake_with_revoked_token_refreshes_once(proxy: Runn
     assert cloud.refresh_calls == 1
 
 
-async def test_websocket_upstream_handshake_has_the_bearer_and_no_library_defaults(login: TokenPair, make_proxy: ProxyFactory) -> None:
+async def test_websocket_upstream_handshake_has_the_bearer_and_no_library_defaults(
+    login: TokenPair, make_proxy: ProxyFactory
+) -> None:
     """The upstream WebSocket handshake carries Bearer <token> and no Accept, Accept-Encoding or User-Agent the client did not send."""
     handshakes: list[CIMultiDict[str]] = []
 
@@ -405,7 +447,9 @@ class WatchedStreamCloud(MockCloud):
         return response
 
 
-async def test_client_hang_up_stops_the_upstream_download(store_path: Path, clock: FakeClock, make_proxy: ProxyFactory, client: aiohttp.ClientSession) -> None:
+async def test_client_hang_up_stops_the_upstream_download(
+    store_path: Path, clock: FakeClock, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
     """A client leaving a 1 GB download makes the proxy drop the upstream stream, and the proxy goes on serving."""
     watched = WatchedStreamCloud(clock=clock)
     await watched.start()

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import ACCESS_LOG_KEYS, FakeClock, ProxyFactory, RunningProxy
+from prometheus_client.parser import text_string_to_metric_families
+from test_proxy import PAST_EXPIRY, assert_problem, fetch, raw_get, raw_request, stored_tokens, wait_for_log_lines
+
 from sidecar.mockcloud import MockCloud
 from sidecar.tokens import TokenPair, format_timestamp, parse_timestamp
-from test_proxy import PAST_EXPIRY, assert_problem, fetch, raw_get, raw_request, stored_tokens, wait_for_log_lines
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -48,7 +48,9 @@ async def test_not_ready_without_a_store(make_proxy: ProxyFactory, client: aioht
     assert (await fetch(client, "GET", p.url + "/_sidecar/ready")).status == 503
 
 
-async def test_status_describes_the_login_after_a_refresh(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path) -> None:
+async def test_status_describes_the_login_after_a_refresh(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path
+) -> None:
     """/_sidecar/status reports login, expiry, refresh counts and the next refresh after one refresh."""
     clock.advance(PAST_EXPIRY)
     assert (await fetch(client, "GET", proxy.url + "/api/v1/echo")).status == 200
@@ -69,11 +71,18 @@ async def test_status_when_logged_out(make_proxy: ProxyFactory, client: aiohttp.
     """/_sidecar/status says loggedIn false and explains why, with no expiry."""
     p = await make_proxy()
     status = (await fetch(client, "GET", p.url + "/_sidecar/status")).json()
-    assert (status["loggedIn"], status["expiresAt"], status["secondsToExpiry"], status["nextRefreshAt"]) == (False, None, None, None)
+    assert (status["loggedIn"], status["expiresAt"], status["secondsToExpiry"], status["nextRefreshAt"]) == (
+        False,
+        None,
+        None,
+        None,
+    )
     assert status["lastError"]
 
 
-async def test_status_after_a_dead_refresh_token_counts_it(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_status_after_a_dead_refresh_token_counts_it(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """After a dead refresh token the status is logged out with refreshes.dead 1 and the reason."""
     cloud.revoke_refresh_tokens()
     clock.advance(PAST_EXPIRY)
@@ -85,7 +94,15 @@ async def test_status_after_a_dead_refresh_token_counts_it(proxy: RunningProxy, 
 
 
 @pytest.mark.parametrize("name", ["health", "ready", "status", "metrics", "nope"])
-async def test_local_endpoints_never_show_a_token(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession, store_path: Path, login: TokenPair, name: str) -> None:
+async def test_local_endpoints_never_show_a_token(
+    proxy: RunningProxy,
+    cloud: MockCloud,
+    clock: FakeClock,
+    client: aiohttp.ClientSession,
+    store_path: Path,
+    login: TokenPair,
+    name: str,
+) -> None:
     """No /_sidecar/ answer contains an access or refresh token, old or current."""
     clock.advance(PAST_EXPIRY)
     assert (await fetch(client, "GET", proxy.url + "/api/v1/echo")).status == 200
@@ -118,11 +135,19 @@ async def test_metrics_are_prometheus_text(proxy: RunningProxy, client: aiohttp.
     assert reply.status == 200
     assert reply.headers["Content-Type"].startswith("text/plain")
     text = reply.body.decode()
-    for name in ("sidecar_requests_total", "sidecar_upstream_latency_seconds_bucket", "sidecar_refreshes_total", "sidecar_retries_total", "sidecar_relogin_responses_total"):
+    for name in (
+        "sidecar_requests_total",
+        "sidecar_upstream_latency_seconds_bucket",
+        "sidecar_refreshes_total",
+        "sidecar_retries_total",
+        "sidecar_relogin_responses_total",
+    ):
         assert f"\n{name}" in text
 
 
-async def test_metrics_count_refreshes_retries_and_relogins(proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_metrics_count_refreshes_retries_and_relogins(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """After a refresh at expiry, a 401 retry and a dead refresh token, the counters say 2 ok, 1 dead, 1 retry, 1 re-login."""
     url = proxy.url + "/api/v1/echo"
     clock.advance(PAST_EXPIRY)
@@ -147,7 +172,9 @@ async def test_metrics_count_refreshes_retries_and_relogins(proxy: RunningProxy,
 # -- access log -----------------------------------------------------------------
 
 
-async def test_access_log_has_one_line_per_request_with_the_spec_keys(proxy: RunningProxy, client: aiohttp.ClientSession) -> None:
+async def test_access_log_has_one_line_per_request_with_the_spec_keys(
+    proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
     """Every request, forwarded, refused or local, writes exactly one JSON line with exactly the SPEC's keys."""
     await fetch(client, "GET", proxy.url + "/api/v1/echo")
     await fetch(client, "POST", proxy.url + "/api/v1/echo", data=b"body")
@@ -173,7 +200,9 @@ async def test_access_log_path_has_no_query_string(proxy: RunningProxy, client: 
     assert line["path"] == "/api/v1/echo/a"
 
 
-async def test_access_log_marks_a_refresh_at_expiry(proxy: RunningProxy, clock: FakeClock, client: aiohttp.ClientSession) -> None:
+async def test_access_log_marks_a_refresh_at_expiry(
+    proxy: RunningProxy, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
     """A request that waited for a refresh at expiry is logged refreshed but not retried."""
     clock.advance(PAST_EXPIRY)
     await fetch(client, "GET", proxy.url + "/api/v1/echo")

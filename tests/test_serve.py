@@ -25,7 +25,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from conftest import (
     ACCESS_LOG_KEYS,
     TIMEOUT,
@@ -38,8 +37,9 @@ from conftest import (
     start_sidecar,
     stored,
 )
+
 from sidecar.mockcloud import MockCloud
-from sidecar.store import TokenStore
+from sidecar.store.file import TokenFile
 
 # How long a starting serve may take to answer /_sidecar/health.
 READY_TIMEOUT = 10.0
@@ -151,7 +151,7 @@ async def _drain(stream: asyncio.StreamReader, sink: bytearray) -> None:
 async def running_serve(env: dict[str, str], listen: str, *args: str, ready: bool = True) -> AsyncIterator[Served]:
     """Start ``sidecar serve --listen LISTEN ARGS``, wait until healthy, and always kill it afterwards."""
     if listen.startswith("unix:"):
-        base_url, unix_path = "http://localhost", listen[len("unix:"):]
+        base_url, unix_path = "http://localhost", listen[len("unix:") :]
     else:
         # Traffic goes to loopback only, even when serve binds 0.0.0.0.
         base_url, unix_path = f"http://127.0.0.1:{listen.rpartition(':')[2]}", None
@@ -199,10 +199,15 @@ SIGNALS = pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids
 
 
 @contextlib.asynccontextmanager
-async def _slow_request_in_flight(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> AsyncIterator[tuple[Served, asyncio.Task[tuple[int, bytes]]]]:
+async def _slow_request_in_flight(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> AsyncIterator[tuple[Served, asyncio.Task[tuple[int, bytes]]]]:
     """A logged-in serve, and a slow request through it that the cloud is handling now."""
     seed_store(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served, served.session() as session:
+    async with (
+        running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served,
+        served.session() as session,
+    ):
 
         async def slow() -> tuple[int, bytes]:
             async with session.get(f"{served.base_url}/api/v1/slow?seconds={SLOW_SECONDS}") as response:
@@ -221,7 +226,9 @@ async def _slow_request_in_flight(cloud: MockCloud, store_path: Path, env: dict[
 
 
 @SIGNALS
-async def test_in_flight_request_completes_after_signal(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
+async def test_in_flight_request_completes_after_signal(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int
+) -> None:
     """A request in flight when the signal arrives still gets its 200 and full body."""
     async with _slow_request_in_flight(cloud, store_path, env, listen) as (served, slow):
         served.process.send_signal(signum)
@@ -231,7 +238,9 @@ async def test_in_flight_request_completes_after_signal(cloud: MockCloud, store_
 
 
 @SIGNALS
-async def test_serve_exits_0_after_signal_with_request_in_flight(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
+async def test_serve_exits_0_after_signal_with_request_in_flight(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int
+) -> None:
     """SIGTERM or SIGINT with a request in flight ends serve with exit code 0 once the request is done."""
     async with _slow_request_in_flight(cloud, store_path, env, listen) as (served, slow):
         code = await served.stop(signum)
@@ -241,7 +250,9 @@ async def test_serve_exits_0_after_signal_with_request_in_flight(cloud: MockClou
 
 
 @SIGNALS
-async def test_new_connections_refused_after_signal(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int) -> None:
+async def test_new_connections_refused_after_signal(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, signum: int
+) -> None:
     """While serve drains after a signal, a new connection is refused and nothing more is forwarded."""
     async with _slow_request_in_flight(cloud, store_path, env, listen) as (served, slow):
         forwarded = cloud.requests_seen
@@ -257,13 +268,17 @@ async def test_new_connections_refused_after_signal(cloud: MockCloud, store_path
     assert cloud.requests_seen == forwarded
 
 
-async def _drain_time_after_sigterm(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, shutdown_timeout: str) -> tuple[int | None, float, Served]:
+async def _drain_time_after_sigterm(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, shutdown_timeout: str
+) -> tuple[int | None, float, Served]:
     """SIGTERM a logged-in serve with ``--shutdown-timeout`` whose only request takes far longer than any drain.
 
     Its exit code (None: still running), the seconds it took to exit, and the serve.
     """
     seed_store(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", shutdown_timeout) as served:
+    async with running_serve(
+        env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--shutdown-timeout", shutdown_timeout
+    ) as served:
         code, seconds = await _sigterm_during_endless_request(served, cloud)
     return code, seconds, served
 
@@ -297,54 +312,69 @@ async def _sigterm_during_endless_request(served: Served, cloud: MockCloud) -> t
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_request_outlasting_shutdown_timeout_is_cut_and_serve_exits_0(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_request_outlasting_shutdown_timeout_is_cut_and_serve_exits_0(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """A request longer than shutdown_timeout does not keep serve alive: it still exits 0, well before the request would end."""
     code, seconds, served = await _drain_time_after_sigterm(cloud, store_path, env, listen, "0.5")
     assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
 
 
-async def test_drain_after_sigterm_takes_at_most_shutdown_timeout(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_drain_after_sigterm_takes_at_most_shutdown_timeout(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """After SIGTERM, serve exits within shutdown_timeout (plus process teardown), not twice that."""
     code, seconds, served = await _drain_time_after_sigterm(cloud, store_path, env, listen, str(DRAIN_TIMEOUT))
     assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
-    assert seconds < DRAIN_TIMEOUT + TEARDOWN_ALLOWANCE, f"exited {seconds:.2f} s after SIGTERM with shutdown_timeout {DRAIN_TIMEOUT}"
+    assert seconds < DRAIN_TIMEOUT + TEARDOWN_ALLOWANCE, (
+        f"exited {seconds:.2f} s after SIGTERM with shutdown_timeout {DRAIN_TIMEOUT}"
+    )
 
 
-async def test_shutdown_timeout_zero_exits_without_waiting(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_shutdown_timeout_zero_exits_without_waiting(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """With shutdown_timeout 0, SIGTERM ends serve promptly instead of waiting for in-flight requests."""
     code, seconds, served = await _drain_time_after_sigterm(cloud, store_path, env, listen, "0")
     assert code == 0, f"exit {code} {seconds:.2f} s after SIGTERM:\n{served.stderr}"
     assert seconds < TEARDOWN_ALLOWANCE
 
 
-def _blocked_on_flock(pid: int) -> bool:
-    """Whether ``pid`` is waiting for an flock (a ``->`` line in /proc/locks)."""
-    with open("/proc/locks") as locks:
-        return any("->" in line and "FLOCK" in line and str(pid) in line.split() for line in locks)
+def _holds_open(pid: int, path: Path) -> bool:
+    """Whether ``pid`` has ``path`` open (the store's lock file, while it tries to take the lock)."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fd) == str(path) for fd in fds.iterdir())
+    except (FileNotFoundError, PermissionError):
+        return False
 
 
-async def test_sigterm_during_startup_exits_0(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_sigterm_during_startup_exits_0(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """SIGTERM while serve is still starting (waiting for the store lock to seed) ends it with exit 0."""
-    store = TokenStore(store_path)
+    store = TokenFile(store_path)
     held = store.acquire_lock()  # another process refreshing: serve's seeding must wait for it
     try:
         seeded = seed_env(env, cloud, cloud.issue_pair()["refreshToken"])
         async with running_serve(seeded, listen, "--store", str(store_path), ready=False) as served:
 
             async def waiting_for_lock() -> bool:
-                return _blocked_on_flock(served.pid)
+                return _holds_open(served.pid, store.lock_path)
 
-            await poll_until(waiting_for_lock, READY_TIMEOUT, "serve blocking on the store lock")
+            await poll_until(waiting_for_lock, READY_TIMEOUT, "serve waiting for the store lock")
             code = await served.stop()
     finally:
-        TokenStore.release_lock(held)
+        TokenFile.release_lock(held)
     assert code == 0, served.stderr
 
 
 # -- listening --------------------------------------------------------------
 
 
-async def test_unix_socket_is_mode_0600(cloud: MockCloud, store_path: Path, env: dict[str, str], socket_dir: Path) -> None:
+async def test_unix_socket_is_mode_0600(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], socket_dir: Path
+) -> None:
     """``--listen unix:PATH`` creates a socket only its owner can connect to."""
     seed_store(store_path, cloud)
     path = socket_dir / "s.sock"
@@ -354,10 +384,14 @@ async def test_unix_socket_is_mode_0600(cloud: MockCloud, store_path: Path, env:
     assert stat.S_IMODE(info.st_mode) == 0o600
 
 
-async def test_unix_socket_forwards_with_bearer_token(cloud: MockCloud, store_path: Path, env: dict[str, str], socket_dir: Path) -> None:
+async def test_unix_socket_forwards_with_bearer_token(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], socket_dir: Path
+) -> None:
     """A request over the unix socket reaches the upstream with the stored bearer token."""
     pair = seed_store(store_path, cloud)
-    async with running_serve(env, f"unix:{socket_dir / 's.sock'}", "--store", str(store_path), "--upstream", cloud.base_url) as served:
+    async with running_serve(
+        env, f"unix:{socket_dir / 's.sock'}", "--store", str(store_path), "--upstream", cloud.base_url
+    ) as served:
         async with served.session() as session:
             async with session.get(served.base_url + ECHO, headers={"Host": "localhost"}) as response:
                 assert response.status == 200
@@ -365,16 +399,24 @@ async def test_unix_socket_forwards_with_bearer_token(cloud: MockCloud, store_pa
     assert echoed["authorization"] == f"Bearer {pair.access_token}"
 
 
-async def test_non_loopback_listen_without_allow_remote_exits_2(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int) -> None:
+async def test_non_loopback_listen_without_allow_remote_exits_2(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int
+) -> None:
     """Listening on 0.0.0.0 without --allow-remote is refused with one line that names --allow-remote."""
-    run = await run_sidecar(env, "serve", "--listen", f"0.0.0.0:{unused_tcp_port}", "--store", str(store_path), "--upstream", cloud.base_url)
+    run = await run_sidecar(
+        env, "serve", "--listen", f"0.0.0.0:{unused_tcp_port}", "--store", str(store_path), "--upstream", cloud.base_url
+    )
     assert_one_line_failure(run, 2)
     assert "--allow-remote" in run.err
 
 
-async def test_non_loopback_listen_with_allow_remote_starts(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int) -> None:
+async def test_non_loopback_listen_with_allow_remote_starts(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int
+) -> None:
     """With --allow-remote, serve listens on 0.0.0.0 (checked over 127.0.0.1 only)."""
-    async with running_serve(env, f"0.0.0.0:{unused_tcp_port}", "--allow-remote", "--store", str(store_path), "--upstream", cloud.base_url) as served:
+    async with running_serve(
+        env, f"0.0.0.0:{unused_tcp_port}", "--allow-remote", "--store", str(store_path), "--upstream", cloud.base_url
+    ) as served:
         assert served.process.returncode is None
         code = await served.stop()
     assert code == 0
@@ -385,9 +427,16 @@ async def test_non_loopback_listen_with_allow_remote_starts(cloud: MockCloud, st
 
 @pytest.mark.parametrize(
     ("case", "key"),
-    [("leeway-flag", "leeway"), ("relogin-status-env", "relogin_status"), ("unknown-toml-key", "bogus_key"), ("listen-nonsense", "listen")],
+    [
+        ("leeway-flag", "leeway"),
+        ("relogin-status-env", "relogin_status"),
+        ("unknown-toml-key", "bogus_key"),
+        ("listen-nonsense", "listen"),
+    ],
 )
-async def test_bad_config_exits_2_with_one_line_naming_the_key(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, tmp_path: Path, case: str, key: str) -> None:
+async def test_bad_config_exits_2_with_one_line_naming_the_key(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str, tmp_path: Path, case: str, key: str
+) -> None:
     """Each kind of bad configuration stops serve with exit 2 and one stderr line naming the key."""
     args = ["serve", "--listen", listen, "--store", str(store_path), "--upstream", cloud.base_url]
     if case == "leeway-flag":
@@ -408,7 +457,9 @@ async def test_bad_config_exits_2_with_one_line_naming_the_key(cloud: MockCloud,
 # -- seeding from the environment -------------------------------------------
 
 
-async def test_serve_seeds_empty_store_from_environment(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_serve_seeds_empty_store_from_environment(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """On an empty store, serve writes SIDECAR_REFRESH_TOKEN into the store before it serves."""
     seed = cloud.issue_pair()["refreshToken"]
     # Hold the first refresh (serve's proactive one) so the seeded pair can be
@@ -420,7 +471,9 @@ async def test_serve_seeds_empty_store_from_environment(cloud: MockCloud, store_
     assert pair.api_url == cloud.base_url
 
 
-async def test_seeded_token_is_refreshed_and_used(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_seeded_token_is_refreshed_and_used(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """The seeded refresh token is spent once, and the first request through serve succeeds with the result."""
     seed = cloud.issue_pair()["refreshToken"]
     async with running_serve(seed_env(env, cloud, seed), listen, "--store", str(store_path)) as served:
@@ -434,12 +487,16 @@ async def test_seeded_token_is_refreshed_and_used(cloud: MockCloud, store_path: 
     assert echoed["authorization"] == f"Bearer {rotated.access_token}"
 
 
-async def test_two_serves_seeding_at_once_spend_the_token_once(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port_factory: Callable[[], int]) -> None:
+async def test_two_serves_seeding_at_once_spend_the_token_once(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port_factory: Callable[[], int]
+) -> None:
     """Two serves started together on an empty store with the same SIDECAR_REFRESH_TOKEN seed once and refresh once."""
     seeded = seed_env(env, cloud, cloud.issue_pair()["refreshToken"])
     async with contextlib.AsyncExitStack() as stack:
         servers = [
-            await stack.enter_async_context(running_serve(seeded, f"127.0.0.1:{unused_tcp_port_factory()}", "--store", str(store_path), ready=False))
+            await stack.enter_async_context(
+                running_serve(seeded, f"127.0.0.1:{unused_tcp_port_factory()}", "--store", str(store_path), ready=False)
+            )
             for _ in range(2)
         ]
         await asyncio.gather(*(served.wait_ready() for served in servers))
@@ -454,19 +511,19 @@ async def test_two_serves_seeding_at_once_spend_the_token_once(cloud: MockCloud,
     assert cloud.chain_revocations == 0
 
 
-async def test_second_start_keeps_store_over_spent_environment_token(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_second_start_keeps_store_over_spent_environment_token(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """A restart with the same (now spent) SIDECAR_REFRESH_TOKEN keeps the rotated store and revokes nothing."""
     container_env = seed_env(env, cloud, cloud.issue_pair()["refreshToken"])
     async with running_serve(container_env, listen, "--store", str(store_path)) as served:
-        async with served.session() as session:
-            async with session.get(served.base_url + ECHO) as response:
-                assert response.status == 200
+        async with served.session() as session, session.get(served.base_url + ECHO) as response:
+            assert response.status == 200
         assert await served.stop() == 0
     rotated = stored(store_path).refresh_token
     async with running_serve(container_env, listen, "--store", str(store_path)) as served:
-        async with served.session() as session:
-            async with session.get(served.base_url + ECHO) as response:
-                assert response.status == 200
+        async with served.session() as session, session.get(served.base_url + ECHO) as response:
+            assert response.status == 200
         assert stored(store_path).refresh_token == rotated
     assert cloud.chain_revocations == 0
 
@@ -474,7 +531,9 @@ async def test_second_start_keeps_store_over_spent_environment_token(cloud: Mock
 # -- following the store ----------------------------------------------------
 
 
-async def test_running_serve_notices_logout(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_running_serve_notices_logout(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """After ``sidecar logout`` in another process, requests get 511 within a few seconds."""
     seed_store(store_path, cloud)
     async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
@@ -488,7 +547,9 @@ async def test_running_serve_notices_logout(cloud: MockCloud, store_path: Path, 
             await poll_until(relogin_required, NOTICE_TIMEOUT, "a 511 after logout")
 
 
-async def test_running_serve_uses_import_after_logout(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_running_serve_uses_import_after_logout(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """After logout, ``sidecar import`` in another process makes requests succeed again without a restart."""
     seed_store(store_path, cloud)
     async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url) as served:
@@ -500,7 +561,9 @@ async def test_running_serve_uses_import_after_logout(cloud: MockCloud, store_pa
 
             await poll_until(relogin_required, NOTICE_TIMEOUT, "a 511 after logout")
             fresh = cloud.issue_pair()["refreshToken"]
-            run = await run_sidecar(env, "import", "--refresh-token", fresh, "--upstream", cloud.base_url, "--store", str(store_path))
+            run = await run_sidecar(
+                env, "import", "--refresh-token", fresh, "--upstream", cloud.base_url, "--store", str(store_path)
+            )
             assert run.code == 0, run
 
             async def forwarded() -> bool:
@@ -513,7 +576,9 @@ async def test_running_serve_uses_import_after_logout(cloud: MockCloud, store_pa
 # -- logs -------------------------------------------------------------------
 
 
-async def test_each_request_logs_one_json_line_with_spec_keys(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_each_request_logs_one_json_line_with_spec_keys(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """Every proxied request writes exactly one JSON access line with the SPEC §4 keys and no query."""
     seed_store(store_path, cloud)
     paths = [ECHO + "/one", ECHO + "/two", "/api/v1/status/404"]
@@ -527,15 +592,19 @@ async def test_each_request_logs_one_json_line_with_spec_keys(cloud: MockCloud, 
     for path in paths:
         mine = [line for line in lines if line["path"] == path]
         assert len(mine) == 1, (path, lines)
-        assert ACCESS_LOG_KEYS <= mine[0].keys()
+        assert mine[0].keys() >= ACCESS_LOG_KEYS
     assert [line["status"] for line in lines if line["path"] in paths] == [200, 200, 404]
 
 
-async def test_logs_never_show_query_cookie_authorization_or_tokens(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_logs_never_show_query_cookie_authorization_or_tokens(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """A request with a secret query, a cookie and an Authorization header leaves none of them, nor any token, on stderr."""
     old = seed_expired(store_path, cloud)  # so the request also refreshes: two token pairs in play
     headers = {"Cookie": "session=cookie-value-5e1f", "Authorization": "Bearer client-credential-9a7c"}
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--log-level", "debug") as served:
+    async with running_serve(
+        env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--log-level", "debug"
+    ) as served:
         async with served.session() as session:
             async with session.get(served.base_url + ECHO + "?secret=abc", headers=headers) as response:
                 assert response.status == 200
@@ -544,20 +613,35 @@ async def test_logs_never_show_query_cookie_authorization_or_tokens(cloud: MockC
     assert cloud.refresh_ok == 1  # so the two pairs below are every token the cloud issued
     output = served.stderr + served.stdout
     assert access_lines(served.stderr), "the request was not logged at all"
-    for secret in ("secret", "abc", "cookie-value-5e1f", "client-credential-9a7c", old.access_token, old.refresh_token, new.access_token, new.refresh_token):
+    for secret in (
+        "secret",
+        "abc",
+        "cookie-value-5e1f",
+        "client-credential-9a7c",
+        old.access_token,
+        old.refresh_token,
+        new.access_token,
+        new.refresh_token,
+    ):
         assert secret and secret not in output, secret
 
 
 # -- several processes ------------------------------------------------------
 
 
-async def test_two_serves_on_one_expired_store_refresh_once(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port_factory: Callable[[], int]) -> None:
+async def test_two_serves_on_one_expired_store_refresh_once(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port_factory: Callable[[], int]
+) -> None:
     """Two serves sharing an expired store, 20 concurrent requests each: one refresh, no revocation, 40 successes."""
     seed_expired(store_path, cloud)
     common = ("--store", str(store_path), "--upstream", cloud.base_url)
     async with contextlib.AsyncExitStack() as stack:
-        first = await stack.enter_async_context(running_serve(env, f"127.0.0.1:{unused_tcp_port_factory()}", *common, ready=False))
-        second = await stack.enter_async_context(running_serve(env, f"127.0.0.1:{unused_tcp_port_factory()}", *common, ready=False))
+        first = await stack.enter_async_context(
+            running_serve(env, f"127.0.0.1:{unused_tcp_port_factory()}", *common, ready=False)
+        )
+        second = await stack.enter_async_context(
+            running_serve(env, f"127.0.0.1:{unused_tcp_port_factory()}", *common, ready=False)
+        )
         await asyncio.gather(first.wait_ready(), second.wait_ready())
 
         async def burst(served: Served) -> list[int]:

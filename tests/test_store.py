@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import StoreError
-from sidecar.store import MAX_STORE_BYTES, TokenStore
+from sidecar.store.file import MAX_STORE_BYTES, TokenFile
 from sidecar.tokens import TokenPair, needs_refresh
 
 # 2023-11-14T22:13:20Z: a fixed "now"; no test reads the clock for token values.
@@ -34,12 +34,12 @@ PAIR = TokenPair(
 # on stdin.  "waiting" is printed just before it blocks in acquire_lock().
 LOCK_CHILD = """
 import sys
-from sidecar.store import TokenStore
+from sidecar.store.file import TokenFile
 print("waiting", flush=True)
-fd = TokenStore(sys.argv[1]).acquire_lock()
+fd = TokenFile(sys.argv[1]).acquire_lock()
 print("locked", flush=True)
 sys.stdin.readline()
-TokenStore.release_lock(fd)
+TokenFile.release_lock(fd)
 print("released", flush=True)
 """
 # Generous: only reached when something is broken, and a slow CI box may need it.
@@ -65,7 +65,7 @@ def _temp_files(directory: Path) -> list[str]:
 
 def test_written_pair_reads_back_equal(tmp_path: Path) -> None:
     """A pair written to the store is read back field for field."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.write(PAIR)
     snapshot = store.read()
     assert (snapshot.pair, snapshot.problem) == (PAIR, None)
@@ -73,7 +73,7 @@ def test_written_pair_reads_back_equal(tmp_path: Path) -> None:
 
 def test_file_uses_the_desktop_apps_camel_case_fields(tmp_path: Path) -> None:
     """The file holds accessToken, refreshToken, apiUrl and ISO 8601 UTC expiresAt/obtainedAt."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.write(PAIR)
     assert json.loads(store.path.read_text()) == {
         "accessToken": "at-1",
@@ -86,7 +86,7 @@ def test_file_uses_the_desktop_apps_camel_case_fields(tmp_path: Path) -> None:
 
 def test_unknown_fields_survive_a_rewrite(tmp_path: Path) -> None:
     """Fields sidecar does not know are kept when the pair is rewritten."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     _write_raw(store.path, {"refreshToken": "rt-1", "deviceId": "dev-7", "profile": {"tags": [1, 2]}})
     pair = store.read().pair
     assert pair is not None
@@ -100,14 +100,14 @@ def test_unknown_fields_survive_a_rewrite(tmp_path: Path) -> None:
 
 def test_new_store_file_is_mode_0600(tmp_path: Path) -> None:
     """A store file sidecar creates is readable by its owner only."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.write(PAIR)
     assert _mode(store.path) == 0o600
 
 
 def test_rewrite_tightens_a_0644_store_to_0600(tmp_path: Path) -> None:
     """Rewriting a store that someone left world-readable leaves it 0600."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     _write_raw(store.path, {"refreshToken": "rt-0"}, mode=0o644)
     store.write(PAIR)
     assert _mode(store.path) == 0o600
@@ -115,7 +115,7 @@ def test_rewrite_tightens_a_0644_store_to_0600(tmp_path: Path) -> None:
 
 def test_read_tightens_a_0644_store_to_0600(tmp_path: Path) -> None:
     """Reading a world-readable store tightens it to 0600."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     _write_raw(store.path, {"refreshToken": "rt-0"}, mode=0o644)
     store.read()
     assert _mode(store.path) == 0o600
@@ -123,7 +123,7 @@ def test_read_tightens_a_0644_store_to_0600(tmp_path: Path) -> None:
 
 def test_missing_directories_are_created_0700(tmp_path: Path) -> None:
     """Every directory sidecar creates on the way to the store is mode 0700."""
-    store = TokenStore(tmp_path / "a" / "b" / "c" / "tokens.json")
+    store = TokenFile(tmp_path / "a" / "b" / "c" / "tokens.json")
     store.write(PAIR)
     modes = [_mode(tmp_path / "a"), _mode(tmp_path / "a" / "b"), _mode(tmp_path / "a" / "b" / "c")]
     assert modes == [0o700, 0o700, 0o700]
@@ -134,7 +134,7 @@ def test_existing_directory_mode_is_left_alone(tmp_path: Path) -> None:
     directory = tmp_path / "shared"
     directory.mkdir()
     os.chmod(directory, 0o755)
-    TokenStore(directory / "tokens.json").write(PAIR)
+    TokenFile(directory / "tokens.json").write(PAIR)
     assert _mode(directory) == 0o755
 
 
@@ -143,7 +143,7 @@ def test_existing_directory_mode_is_left_alone(tmp_path: Path) -> None:
 
 def test_begin_write_opens_a_temp_file_in_the_store_directory(tmp_path: Path) -> None:
     """begin_write puts one hidden .tmp file beside the store before anything is committed."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     pending = store.begin_write()
     try:
         temps = _temp_files(tmp_path)
@@ -154,21 +154,21 @@ def test_begin_write_opens_a_temp_file_in_the_store_directory(tmp_path: Path) ->
 
 def test_temp_file_is_gone_after_commit(tmp_path: Path) -> None:
     """After commit the directory holds the store and no temp file."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.begin_write().commit(PAIR)
     assert os.listdir(tmp_path) == ["tokens.json"]
 
 
 def test_temp_file_is_gone_after_abort(tmp_path: Path) -> None:
     """An aborted write leaves the directory as it was: no temp file, no store."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.begin_write().abort()
     assert os.listdir(tmp_path) == []
 
 
 def test_abort_keeps_the_old_store(tmp_path: Path) -> None:
     """Aborting a write leaves the previous pair in place, byte for byte."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.write(PAIR)
     before = store.path.read_bytes()
     store.begin_write().abort()
@@ -177,7 +177,7 @@ def test_abort_keeps_the_old_store(tmp_path: Path) -> None:
 
 def test_repeated_writes_leave_no_temp_files(tmp_path: Path) -> None:
     """Many writes in a row leave only the store in its directory."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     for number in range(5):
         store.write(dataclasses.replace(PAIR, refresh_token=f"rt-{number}"))
     assert (_temp_files(tmp_path), os.listdir(tmp_path)) == ([], ["tokens.json"])
@@ -185,7 +185,7 @@ def test_repeated_writes_leave_no_temp_files(tmp_path: Path) -> None:
 
 def test_commit_after_abort_raises_store_error(tmp_path: Path) -> None:
     """A finished PendingWrite cannot be committed, so a stale handle never overwrites the store."""
-    pending = TokenStore(tmp_path / "tokens.json").begin_write()
+    pending = TokenFile(tmp_path / "tokens.json").begin_write()
     pending.abort()
     with pytest.raises(StoreError, match="already finished"):
         pending.commit(PAIR)
@@ -193,7 +193,7 @@ def test_commit_after_abort_raises_store_error(tmp_path: Path) -> None:
 
 def test_second_commit_raises_store_error(tmp_path: Path) -> None:
     """A PendingWrite commits once; a second commit raises StoreError."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     pending = store.begin_write()
     pending.commit(PAIR)
     with pytest.raises(StoreError, match="already finished"):
@@ -202,7 +202,7 @@ def test_second_commit_raises_store_error(tmp_path: Path) -> None:
 
 def test_failed_serialization_raises_store_error_and_leaves_no_temp_file(tmp_path: Path) -> None:
     """A pair that cannot be serialized fails the write with StoreError and no temp file left."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     pair = dataclasses.replace(PAIR, expires_at=1e19)
     try:
         with pytest.raises(StoreError):
@@ -215,7 +215,7 @@ def test_failed_serialization_raises_store_error_and_leaves_no_temp_file(tmp_pat
 def test_parent_that_is_a_file_makes_begin_write_raise_a_one_line_store_error(tmp_path: Path) -> None:
     """A store path under a regular file fails begin_write with a one-line StoreError."""
     (tmp_path / "afile").write_text("not a directory")
-    store = TokenStore(tmp_path / "afile" / "tokens.json")
+    store = TokenFile(tmp_path / "afile" / "tokens.json")
     with pytest.raises(StoreError) as caught:
         store.begin_write()
     message = str(caught.value)
@@ -225,7 +225,7 @@ def test_parent_that_is_a_file_makes_begin_write_raise_a_one_line_store_error(tm
 def test_parent_that_is_a_file_makes_write_leave_nothing_behind(tmp_path: Path) -> None:
     """A failed write under a regular file creates no file and changes nothing."""
     (tmp_path / "afile").write_text("not a directory")
-    store = TokenStore(tmp_path / "afile" / "tokens.json")
+    store = TokenFile(tmp_path / "afile" / "tokens.json")
     with pytest.raises(StoreError):
         store.write(PAIR)
     assert (os.listdir(tmp_path), (tmp_path / "afile").read_text()) == (["afile"], "not a directory")
@@ -235,16 +235,19 @@ def test_parent_that_is_a_file_makes_write_leave_nothing_behind(tmp_path: Path) 
 
 
 def test_missing_store_reads_as_logged_out_without_a_problem(tmp_path: Path) -> None:
-    """No file means no pair, no problem and no signature."""
-    snapshot = TokenStore(tmp_path / "tokens.json").read()
-    assert (snapshot.pair, snapshot.problem, snapshot.signature) == (None, None, None)
+    """No file means no pair, no problem and no version."""
+    snapshot = TokenFile(tmp_path / "tokens.json").read()
+    assert (snapshot.pair, snapshot.problem, snapshot.version) == (None, None, None)
 
 
 CORRUPT = {
     "bad-json": (b'{"refreshToken": "rt-SECRET-1", "accessToken": "at-SECRET-1"', "not valid JSON"),
     "json-list": (b'["rt-SECRET-1", "at-SECRET-1"]', "not a JSON object"),
     "refresh-missing": (b'{"accessToken": "at-SECRET-1"}', "refreshToken is missing or not a string"),
-    "refresh-number": (b'{"refreshToken": 731984265, "accessToken": "at-SECRET-1"}', "refreshToken is missing or not a string"),
+    "refresh-number": (
+        b'{"refreshToken": 731984265, "accessToken": "at-SECRET-1"}',
+        "refreshToken is missing or not a string",
+    ),
     "access-number": (b'{"refreshToken": "rt-SECRET-1", "accessToken": 826491735}', "accessToken is not a string"),
     "not-utf8": (b'{"refreshToken": "rt-SECRET-1\xff\xfe"}', "not valid JSON"),
 }
@@ -253,7 +256,7 @@ CORRUPT = {
 @pytest.mark.parametrize(("content", "cause"), CORRUPT.values(), ids=CORRUPT.keys())
 def test_corrupt_store_reads_as_logged_out_with_the_cause(tmp_path: Path, content: bytes, cause: str) -> None:
     """A corrupt file gives no pair and a problem that names the cause."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.path.write_bytes(content)
     snapshot = store.read()
     assert snapshot.pair is None
@@ -263,7 +266,7 @@ def test_corrupt_store_reads_as_logged_out_with_the_cause(tmp_path: Path, conten
 @pytest.mark.parametrize(("content", "cause"), CORRUPT.values(), ids=CORRUPT.keys())
 def test_corrupt_store_problem_never_quotes_the_file(tmp_path: Path, content: bytes, cause: str) -> None:
     """The problem text for a corrupt file contains none of the file's values."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.path.write_bytes(content)
     problem = store.read().problem or ""
     for secret in ("SECRET", "731984265", "826491735"):
@@ -273,7 +276,7 @@ def test_corrupt_store_problem_never_quotes_the_file(tmp_path: Path, content: by
 @pytest.mark.parametrize(("content", "cause"), CORRUPT.values(), ids=CORRUPT.keys())
 def test_corrupt_store_is_not_deleted_by_read(tmp_path: Path, content: bytes, cause: str) -> None:
     """read() leaves a corrupt file in place, byte for byte, for the user to inspect."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.path.write_bytes(content)
     store.read()
     assert store.path.read_bytes() == content
@@ -281,7 +284,7 @@ def test_corrupt_store_is_not_deleted_by_read(tmp_path: Path, content: bytes, ca
 
 def test_oversized_store_is_corrupt(tmp_path: Path) -> None:
     """A file bigger than MAX_STORE_BYTES is reported as too large, not parsed."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.path.write_bytes(b" " * (MAX_STORE_BYTES + 1))
     snapshot = store.read()
     assert (snapshot.pair, snapshot.problem) == (None, f"token store {store.path} is corrupt: too large")
@@ -289,7 +292,7 @@ def test_oversized_store_is_corrupt(tmp_path: Path) -> None:
 
 def test_directory_at_store_path_is_a_problem(tmp_path: Path) -> None:
     """A directory where the store should be gives no pair and says it is not a regular file."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.path.mkdir()
     snapshot = store.read()
     assert (snapshot.pair, snapshot.problem) == (None, f"token store {store.path} is not a regular file")
@@ -297,7 +300,7 @@ def test_directory_at_store_path_is_a_problem(tmp_path: Path) -> None:
 
 def test_store_without_expiry_reads_as_a_pair_that_refreshes(tmp_path: Path) -> None:
     """A pair stored before expiry was captured is usable, has no expiry, and needs a refresh."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     _write_raw(store.path, {"accessToken": "at-1", "refreshToken": "rt-1"})
     snapshot = store.read()
     assert snapshot.pair is not None and snapshot.problem is None
@@ -308,7 +311,7 @@ def test_store_without_expiry_reads_as_a_pair_that_refreshes(tmp_path: Path) -> 
 @pytest.mark.parametrize("expires_at", ["next tuesday", 1_700_003_600, None, ""])
 def test_store_with_unparseable_expiry_reads_as_a_pair_without_expiry(tmp_path: Path, expires_at: object) -> None:
     """An expiresAt that is not an ISO 8601 string yields a pair with expires_at None, not a corrupt store."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     _write_raw(store.path, {"accessToken": "at-1", "refreshToken": "rt-1", "expiresAt": expires_at})
     snapshot = store.read()
     assert snapshot.pair is not None and snapshot.problem is None
@@ -320,7 +323,7 @@ def test_store_with_unparseable_expiry_reads_as_a_pair_without_expiry(tmp_path: 
 
 def test_clear_deletes_the_store_and_reports_it(tmp_path: Path) -> None:
     """clear() removes the file and returns True."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.write(PAIR)
     assert store.clear() is True
     assert not store.path.exists()
@@ -328,7 +331,7 @@ def test_clear_deletes_the_store_and_reports_it(tmp_path: Path) -> None:
 
 def test_clear_without_a_store_returns_false(tmp_path: Path) -> None:
     """A second clear() finds nothing to delete and returns False."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.write(PAIR)
     store.clear()
     assert store.clear() is False
@@ -336,12 +339,12 @@ def test_clear_without_a_store_returns_false(tmp_path: Path) -> None:
 
 def test_signature_is_none_without_a_store(tmp_path: Path) -> None:
     """A missing store has no signature."""
-    assert TokenStore(tmp_path / "tokens.json").signature() is None
+    assert TokenFile(tmp_path / "tokens.json").signature() is None
 
 
 def test_signature_changes_inode_on_every_write(tmp_path: Path) -> None:
     """Each atomic write replaces the file, so the signature's inode changes even for the same bytes."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.write(PAIR)
     first = store.signature()
     store.write(PAIR)
@@ -352,12 +355,16 @@ def test_signature_changes_inode_on_every_write(tmp_path: Path) -> None:
 
 def test_read_reports_the_current_signature(tmp_path: Path) -> None:
     """The snapshot carries the same signature that signature() reports for the file it read."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     store.write(PAIR)
-    assert store.read().signature == store.signature() == (
-        os.stat(store.path).st_ino,
-        os.stat(store.path).st_mtime_ns,
-        os.stat(store.path).st_size,
+    assert (
+        store.read().version
+        == store.signature()
+        == (
+            os.stat(store.path).st_ino,
+            os.stat(store.path).st_mtime_ns,
+            os.stat(store.path).st_size,
+        )
     )
 
 
@@ -366,15 +373,15 @@ def test_read_reports_the_current_signature(tmp_path: Path) -> None:
 
 def test_lock_file_is_created_0600_beside_the_store(tmp_path: Path) -> None:
     """acquire_lock creates <store>.lock with mode 0600."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     fd = store.acquire_lock()
     try:
         assert (store.lock_path, _mode(store.lock_path)) == (tmp_path / "tokens.json.lock", 0o600)
     finally:
-        TokenStore.release_lock(fd)
+        TokenFile.release_lock(fd)
 
 
-def _spawn_lock_child(store: TokenStore) -> subprocess.Popen[bytes]:
+def _spawn_lock_child(store: TokenFile) -> subprocess.Popen[bytes]:
     # Unbuffered bytes, so readline() never swallows a later line that select() should see.
     return subprocess.Popen(
         [sys.executable, "-c", LOCK_CHILD, str(store.path)],
@@ -389,8 +396,11 @@ def _blocked_in_flock(pid: int, inode: int) -> bool:
     with open("/proc/locks") as handle:
         for line in handle:
             fields = line.split()
-            if "->" in fields and "FLOCK" in fields and str(pid) in fields and any(
-                field.endswith(f":{inode}") for field in fields
+            if (
+                "->" in fields
+                and "FLOCK" in fields
+                and str(pid) in fields
+                and any(field.endswith(f":{inode}") for field in fields)
             ):
                 return True
     return False
@@ -399,7 +409,7 @@ def _blocked_in_flock(pid: int, inode: int) -> bool:
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux /proc/locks to see a blocked waiter")
 def test_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
     """A second process blocks in acquire_lock while the first holds the lock, and gets it once released."""
-    store = TokenStore(tmp_path / "tokens.json")
+    store = TokenFile(tmp_path / "tokens.json")
     first = _spawn_lock_child(store)
     second: subprocess.Popen[bytes] | None = None
     try:

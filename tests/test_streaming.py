@@ -19,7 +19,6 @@ from typing import Self
 
 import aiohttp
 import pytest
-
 from conftest import seed_store
 from test_serve import ECHO, Served, running_serve
 
@@ -97,10 +96,14 @@ def report(direction: str, count: int, seconds: float, sampler: RssSampler) -> N
     )
 
 
-async def test_one_gib_download_streams_in_bounded_memory(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int) -> None:
+async def test_one_gib_download_streams_in_bounded_memory(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int
+) -> None:
     """A 1 GiB response arrives complete while serve's RSS grows by less than 64 MiB."""
     seed_store(store_path, cloud)
-    async with running_serve(env, f"127.0.0.1:{unused_tcp_port}", "--store", str(store_path), "--upstream", cloud.base_url) as served:
+    async with running_serve(
+        env, f"127.0.0.1:{unused_tcp_port}", "--store", str(store_path), "--upstream", cloud.base_url
+    ) as served:
         await warm_up(served)
         count = 0
         async with served.session(read_bufsize=CHUNK) as session:
@@ -116,7 +119,9 @@ async def test_one_gib_download_streams_in_bounded_memory(cloud: MockCloud, stor
     assert sampler.growth < MAX_RSS_GROWTH, f"serve grew by {sampler.growth / MIB:.1f} MiB"
 
 
-async def test_one_gib_upload_streams_in_bounded_memory(cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int) -> None:
+async def test_one_gib_upload_streams_in_bounded_memory(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], unused_tcp_port: int
+) -> None:
     """A 1 GiB request body with Content-Length (too big to replay) reaches the upstream whole while serve's RSS grows by less than 64 MiB."""
     seed_store(store_path, cloud)
     block = b"u" * CHUNK
@@ -129,13 +134,17 @@ async def test_one_gib_upload_streams_in_bounded_memory(cloud: MockCloud, store_
         for _ in range(blocks):
             yield block
 
-    async with running_serve(env, f"127.0.0.1:{unused_tcp_port}", "--store", str(store_path), "--upstream", cloud.base_url) as served:
+    async with running_serve(
+        env, f"127.0.0.1:{unused_tcp_port}", "--store", str(store_path), "--upstream", cloud.base_url
+    ) as served:
         await warm_up(served)
         async with served.session() as session:
             with RssSampler(served.pid) as sampler:
                 started = time.perf_counter()
                 headers = {"Content-Length": str(GIB), "Content-Type": "application/octet-stream"}
-                async with session.post(served.base_url + "/api/v1/upload", data=body(), headers=headers, timeout=TRANSFER) as response:
+                async with session.post(
+                    served.base_url + "/api/v1/upload", data=body(), headers=headers, timeout=TRANSFER
+                ) as response:
                     assert response.status == 200
                     answer = await response.json()
                 seconds = time.perf_counter() - started

@@ -285,7 +285,7 @@ def test_repr_never_shows_tokens() -> None:
 def test_str_never_shows_tokens() -> None:
     """str and f-string formatting of a pair hide both token strings."""
     pair = TokenPair(access_token="at-SECRET-a1", refresh_token="rt-SECRET-r1")
-    text = f"{pair} {str(pair)} {[pair]!r}"
+    text = f"{pair} {pair!s} {[pair]!r}"
     assert "SECRET" not in text
 
 

@@ -17,11 +17,11 @@ from typing import Any, Literal, TypeVar
 
 import aiohttp
 import pytest
+from conftest import ProxyFactory, RunningProxy
 from multidict import CIMultiDict
 
-from conftest import ProxyFactory, RunningProxy
+from sidecar.proxy.upstream import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from sidecar.tokens import TokenPair
-from sidecar.upstream import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 
 T = TypeVar("T")
 
@@ -57,7 +57,10 @@ class Conn:
     async def request(self) -> bytes:
         """Read one whole request (head, then the body as framed on the wire); record and return the raw bytes."""
         head = await self.reader.readuntil(b"\r\n\r\n")
-        fields = {name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)}
+        fields = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
+        }
         body = b""
         if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
             parts = []
@@ -225,7 +228,9 @@ def answer_once(*pieces: bytes, then: Literal["request", "eof", "close"], pause:
     return script
 
 
-async def send(pool: UpstreamPool, head: bytes = GET, *, head_only: bool = False, seconds: float = GUARD) -> UpstreamResponse:
+async def send(
+    pool: UpstreamPool, head: bytes = GET, *, head_only: bool = False, seconds: float = GUARD
+) -> UpstreamResponse:
     """One bodiless request through ``pool``: the response as send returns it, body unread; a hang past ``seconds`` fails."""
     return await within(pool.send(head, None, chunked=False, head_only=head_only), seconds)
 
@@ -295,7 +300,9 @@ async def test_connection_close_response_is_not_reused(upstream: StartUpstream, 
 
 async def test_connection_close_response_closes_the_socket(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """Releasing a Connection: close response closes the client's side of the socket."""
-    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", then="eof"))
+    server = await upstream(
+        answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", then="eof")
+    )
     assert await get(pool_for(server)) == b"ok"
     await within(server.conns[0].eof.wait(), 2)
 
@@ -325,7 +332,9 @@ async def test_stale_connection_get_is_retried_on_a_fresh_one(upstream: StartUps
     assert server.conns[1].requests == [GET]
 
 
-async def test_stale_connection_post_with_bytes_body_is_retried_byte_for_byte(upstream: StartUpstream, pool_for: PoolFactory) -> None:
+async def test_stale_connection_post_with_bytes_body_is_retried_byte_for_byte(
+    upstream: StartUpstream, pool_for: PoolFactory
+) -> None:
     """A POST with a small bytes body on a stale connection is replayed, body and all, on a fresh connection."""
     server = await upstream(stale_after_first)
     pool = pool_for(server)
@@ -349,7 +358,11 @@ async def test_stale_connection_streamed_body_is_not_retried(upstream: StartUpst
         yield b"lo"
 
     with pytest.raises(UpstreamUnreachable):
-        await within(pool.send(b"POST /p HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\n\r\n", body(), chunked=False, head_only=False))
+        await within(
+            pool.send(
+                b"POST /p HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\n\r\n", body(), chunked=False, head_only=False
+            )
+        )
     await asyncio.sleep(0.05)
     assert len(server.conns) == 1
 
@@ -394,7 +407,9 @@ async def test_idle_connection_closed_by_the_server_is_not_used(upstream: StartU
 # -- bodiless responses and interim responses ------------------------------------
 
 
-async def test_head_response_with_content_length_completes_without_a_body(upstream: StartUpstream, pool_for: PoolFactory) -> None:
+async def test_head_response_with_content_length_completes_without_a_body(
+    upstream: StartUpstream, pool_for: PoolFactory
+) -> None:
     """A HEAD answer announcing Content-Length: 1000 is complete at its head, with an empty body."""
     server = await upstream(answer_each(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"))
     pool = pool_for(server)
@@ -418,12 +433,14 @@ async def test_connection_is_reused_after_a_head_response(upstream: StartUpstrea
     "answer",
     [
         b"HTTP/1.1 204 No Content\r\n\r\n",
-        b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+        b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n',
         b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\n\r\n",
     ],
     ids=["204", "304", "304-with-content-length"],
 )
-async def test_no_content_responses_complete_and_keep_the_connection(upstream: StartUpstream, pool_for: PoolFactory, answer: bytes) -> None:
+async def test_no_content_responses_complete_and_keep_the_connection(
+    upstream: StartUpstream, pool_for: PoolFactory, answer: bytes
+) -> None:
     """204 and 304 answers complete with an empty body, and the connection carries the next request."""
     server = await upstream(answer_in_turn(answer, OK))
     pool = pool_for(server)
@@ -455,14 +472,26 @@ async def test_interim_responses_are_skipped_for_the_final_one(upstream: StartUp
 async def test_chunked_response_body_is_reassembled(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """A chunked body, with a chunk extension and split across writes, is read back as the plain bytes."""
     server = await upstream(
-        answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhel", b"lo\r\n6\r\n world\r\n", b"0\r\n\r\n", then="request")
+        answer_once(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhel",
+            b"lo\r\n6\r\n world\r\n",
+            b"0\r\n\r\n",
+            then="request",
+        )
     )
     assert await get(pool_for(server)) == b"hello world"
 
 
-async def test_chunked_trailer_fields_are_not_merged_into_headers(upstream: StartUpstream, pool_for: PoolFactory) -> None:
+async def test_chunked_trailer_fields_are_not_merged_into_headers(
+    upstream: StartUpstream, pool_for: PoolFactory
+) -> None:
     """Trailer fields after the last chunk never show up in the response's header section (RFC 9110 §6.5.1)."""
-    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n", then="request"))
+    server = await upstream(
+        answer_once(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n",
+            then="request",
+        )
+    )
     response = await send(pool_for(server))
     assert await within(response.read_all(2.0)) == b"hello"
     response.release()
@@ -471,7 +500,9 @@ async def test_chunked_trailer_fields_are_not_merged_into_headers(upstream: Star
 
 async def test_body_without_length_is_read_until_close(upstream: StartUpstream, pool_for: PoolFactory) -> None:
     """With neither Content-Length nor chunked, the body is everything up to the server's close, and the connection is not kept."""
-    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ", b"second", then="close"))
+    server = await upstream(
+        answer_once(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ", b"second", then="close")
+    )
     response = await send(pool_for(server))
     assert not response.keep_alive
     assert await within(response.read_all(2.0)) == b"first second"
@@ -495,7 +526,9 @@ async def test_upstream_close_mid_body_is_unreachable(upstream: StartUpstream, p
     [b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", b"\x00\xff\xfe\x16\x03\x01"],
     ids=["not-http", "bad-content-length", "binary"],
 )
-async def test_malformed_response_is_unreachable(upstream: StartUpstream, pool_for: PoolFactory, garbage: bytes) -> None:
+async def test_malformed_response_is_unreachable(
+    upstream: StartUpstream, pool_for: PoolFactory, garbage: bytes
+) -> None:
     """An answer that is not HTTP/1.1 makes send fail with UpstreamUnreachable."""
     server = await upstream(answer_once(garbage, then="eof"))
     with pytest.raises(UpstreamUnreachable):
@@ -544,7 +577,9 @@ async def test_early_response_to_an_unread_upload_is_returned(upstream: StartUps
     server = await upstream(script)
     size = 16 * MIB
     head = b"POST /up HTTP/1.1\r\nHost: up\r\nContent-Length: %d\r\n\r\n" % size
-    response = await within(pool_for(server, read_timeout=SHORT).send(head, bytes(size), chunked=False, head_only=False), 1.2)
+    response = await within(
+        pool_for(server, read_timeout=SHORT).send(head, bytes(size), chunked=False, head_only=False), 1.2
+    )
     assert response.status == 413
     response.release()
 
@@ -650,7 +685,9 @@ CHUNKED_HEAD = b"POST /w HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\
     ],
     ids=["bytes-chunked", "empty-chunked", "stream-chunked-skips-empty", "stream-raw", "bytes-raw"],
 )
-async def test_request_body_is_framed_on_the_wire(upstream: StartUpstream, pool_for: PoolFactory, head: bytes, body: Any, chunked: bool, wire: bytes) -> None:
+async def test_request_body_is_framed_on_the_wire(
+    upstream: StartUpstream, pool_for: PoolFactory, head: bytes, body: Any, chunked: bool, wire: bytes
+) -> None:
     """The request goes out as the head followed by exactly the framed body bytes."""
     server = await upstream(answer_each(OK))
     payload = stream(b"ab", b"", b"cdef") if body == "stream" else body
@@ -669,7 +706,9 @@ async def read_body(pool: UpstreamPool, head: bytes, body: Any, chunked: bool) -
 # -- through the proxy: failures -------------------------------------------------
 
 
-async def test_proxy_answers_502_for_a_malformed_response(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
+async def test_proxy_answers_502_for_a_malformed_response(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
     """Garbage from the upstream becomes a 502 problem+json with X-Sidecar-Error: upstream-unreachable."""
     server = await upstream(answer_once(b"garbage\r\n\r\n", then="close"))
     proxy = await make_proxy(upstream=server.url)
@@ -680,7 +719,9 @@ async def test_proxy_answers_502_for_a_malformed_response(login: TokenPair, make
         assert (await response.json(content_type=None))["status"] == 502
 
 
-async def test_proxy_answers_504_when_the_head_never_comes(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
+async def test_proxy_answers_504_when_the_head_never_comes(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
     """An upstream that never answers becomes a 504 problem+json with X-Sidecar-Error: upstream-timeout."""
     server = await upstream(answer_once(then="eof"))
     proxy = await make_proxy(upstream=server.url, read_timeout=SHORT)
@@ -715,7 +756,9 @@ def stall_first(start: bytes) -> Script:
 
 
 @pytest.mark.parametrize("framing", list(STALLING_HEADS))
-async def test_proxy_cuts_the_client_when_the_body_stalls(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession, framing: str) -> None:
+async def test_proxy_cuts_the_client_when_the_body_stalls(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession, framing: str
+) -> None:
     """A body stalling past read_timeout cuts the client's connection: a payload error, never a complete-looking short body."""
     server = await upstream(stall_first(STALLING_HEADS[framing]))
     proxy = await make_proxy(upstream=server.url, read_timeout=SHORT)
@@ -725,7 +768,9 @@ async def test_proxy_cuts_the_client_when_the_body_stalls(login: TokenPair, make
             await within(response.read())
 
 
-async def test_proxy_serves_the_next_request_after_a_stalled_body(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
+async def test_proxy_serves_the_next_request_after_a_stalled_body(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
     """After cutting a client over a stalled upstream body, the proxy answers the next request normally."""
     server = await upstream(stall_first(STALLING_HEADS["content-length"]))
     proxy = await make_proxy(upstream=server.url, read_timeout=SHORT)
@@ -736,7 +781,9 @@ async def test_proxy_serves_the_next_request_after_a_stalled_body(login: TokenPa
         assert (response.status, await within(response.read())) == (200, b"ok")
 
 
-async def test_proxy_client_sees_an_error_when_the_upstream_closes_mid_body(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
+async def test_proxy_client_sees_an_error_when_the_upstream_closes_mid_body(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
     """Content-Length: 1000, 10 bytes, then the upstream closes: the client gets a payload error, not a 10-byte success."""
     server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789", then="close"))
     proxy = await make_proxy(upstream=server.url)
@@ -745,7 +792,9 @@ async def test_proxy_client_sees_an_error_when_the_upstream_closes_mid_body(logi
             await within(response.read())
 
 
-async def test_proxy_relays_a_body_delimited_by_close(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
+async def test_proxy_relays_a_body_delimited_by_close(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
     """A response with neither Content-Length nor chunked reaches the client whole, however it was split."""
     parts = [bytes([65 + i]) * 100_000 for i in range(5)]
 
@@ -762,7 +811,9 @@ async def test_proxy_relays_a_body_delimited_by_close(login: TokenPair, make_pro
         assert (response.status, await within(response.read())) == (200, b"".join(parts))
 
 
-async def test_proxy_closes_the_upstream_connection_when_the_client_leaves(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession) -> None:
+async def test_proxy_closes_the_upstream_connection_when_the_client_leaves(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
     """A client hanging up mid-response makes the proxy close that upstream connection (the server sees EOF) instead of keeping it."""
     sent = asyncio.Event()
 
@@ -811,7 +862,15 @@ CLIENT_HEADERS = [
 
 async def upstream_head(proxy: RunningProxy, server: Upstream, target: bytes = b"/x") -> bytes:
     """The head the upstream received for a raw GET of ``target`` carrying CLIENT_HEADERS and the proxy's Host."""
-    request = b"GET " + target + b" HTTP/1.1\r\nHost: " + proxy_host(proxy) + b"\r\n" + b"\r\n".join(CLIENT_HEADERS) + b"\r\n\r\n"
+    request = (
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nHost: "
+        + proxy_host(proxy)
+        + b"\r\n"
+        + b"\r\n".join(CLIENT_HEADERS)
+        + b"\r\n\r\n"
+    )
     status, _, body = await raw_exchange(proxy, request)
     assert (status, body) == ("HTTP/1.1 200 OK", b"ok")
     return server.conns[-1].heads[-1]
@@ -821,7 +880,9 @@ def header_lines(head: bytes) -> list[bytes]:
     return head.split(b"\r\n")[1:-2]
 
 
-async def test_proxy_sends_exactly_one_host_the_upstreams(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_proxy_sends_exactly_one_host_the_upstreams(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """The upstream gets one Host header, naming its own host:port, not the proxy's."""
     server = await upstream(answer_each(OK))
     proxy = await make_proxy(upstream=server.url)
@@ -829,15 +890,21 @@ async def test_proxy_sends_exactly_one_host_the_upstreams(login: TokenPair, make
     assert [line for line in lines if line.lower().startswith(b"host:")] == [b"Host: 127.0.0.1:%d" % server.port]
 
 
-async def test_proxy_replaces_the_client_authorization(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_proxy_replaces_the_client_authorization(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """The client's Authorization never reaches the upstream; exactly one Authorization with the bearer token does."""
     server = await upstream(answer_each(OK))
     proxy = await make_proxy(upstream=server.url)
     lines = header_lines(await upstream_head(proxy, server))
-    assert [line for line in lines if line.lower().startswith(b"authorization:")] == [b"Authorization: Bearer " + login.access_token.encode()]
+    assert [line for line in lines if line.lower().startswith(b"authorization:")] == [
+        b"Authorization: Bearer " + login.access_token.encode()
+    ]
 
 
-async def test_proxy_drops_hop_by_hop_request_headers(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_proxy_drops_hop_by_hop_request_headers(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """Connection, Keep-Alive, TE, Proxy-* and the header Connection names never reach the upstream."""
     server = await upstream(answer_each(OK))
     proxy = await make_proxy(upstream=server.url)
@@ -845,13 +912,22 @@ async def test_proxy_drops_hop_by_hop_request_headers(login: TokenPair, make_pro
     assert not names & {b"connection", b"x-drop-me", b"keep-alive", b"te", b"proxy-authorization", b"proxy-connection"}
 
 
-async def test_proxy_keeps_end_to_end_header_order_and_case(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_proxy_keeps_end_to_end_header_order_and_case(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """The end-to-end headers reach the upstream as the client wrote them: same order, same case, same values, duplicates kept."""
     server = await upstream(answer_each(OK))
     proxy = await make_proxy(upstream=server.url)
     lines = header_lines(await upstream_head(proxy, server))
     kept = [line for line in lines if not line.lower().startswith((b"host:", b"authorization:"))]
-    assert kept == [b"X-First: 1", b"x-MiXeD-Case: Value  With  Spaces", b"Accept: */*", b"X-Dup: a", b"X-Dup: b", b"X-Last: z"]
+    assert kept == [
+        b"X-First: 1",
+        b"x-MiXeD-Case: Value  With  Spaces",
+        b"Accept: */*",
+        b"X-Dup: a",
+        b"X-Dup: b",
+        b"X-Last: z",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -859,7 +935,9 @@ async def test_proxy_keeps_end_to_end_header_order_and_case(login: TokenPair, ma
     [b"/x?", b"/a%2Fb/%7Euser/c%20d?q=%41%2f&e=&p=a+b&&", b"/caf%C3%A9/x%zz?%"],
     ids=["empty-query", "percent-encodings", "odd-escapes"],
 )
-async def test_proxy_passes_the_request_target_byte_for_byte(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, target: bytes) -> None:
+async def test_proxy_passes_the_request_target_byte_for_byte(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, target: bytes
+) -> None:
     """The request line's target reaches the upstream exactly as the client sent it."""
     server = await upstream(answer_each(OK))
     proxy = await make_proxy(upstream=server.url)
@@ -870,15 +948,23 @@ async def test_proxy_passes_the_request_target_byte_for_byte(login: TokenPair, m
 # -- through the proxy: response headers and bodies -----------------------------
 
 
-async def test_proxy_passes_every_set_cookie(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_proxy_passes_every_set_cookie(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """Two Set-Cookie headers from the upstream both reach the client, in order."""
-    server = await upstream(answer_each(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; Path=/\r\nContent-Length: 2\r\nSet-Cookie: b=2; HttpOnly\r\n\r\nok"))
+    server = await upstream(
+        answer_each(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; Path=/\r\nContent-Length: 2\r\nSet-Cookie: b=2; HttpOnly\r\n\r\nok"
+        )
+    )
     proxy = await make_proxy(upstream=server.url)
     _, headers, _ = await raw_exchange(proxy, b"GET /x HTTP/1.1\r\nHost: " + proxy_host(proxy) + b"\r\n\r\n")
     assert [value for name, value in headers if name.lower() == "set-cookie"] == ["a=1; Path=/", "b=2; HttpOnly"]
 
 
-async def test_proxy_drops_hop_by_hop_response_headers(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_proxy_drops_hop_by_hop_response_headers(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """Connection, Keep-Alive, Transfer-Encoding, Proxy-Authenticate and the header Connection names never reach the client."""
     server = await upstream(
         answer_each(
@@ -896,13 +982,21 @@ async def test_proxy_drops_hop_by_hop_response_headers(login: TokenPair, make_pr
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-async def test_proxy_passes_a_gzip_body_byte_for_byte(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession, framing: str) -> None:
+async def test_proxy_passes_a_gzip_body_byte_for_byte(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession, framing: str
+) -> None:
     """A Content-Encoding: gzip body reaches the client with that header and the very same compressed bytes."""
     compressed = gzip.compress(b"sidecar " * 5000, mtime=0)
     if framing == "chunked":
-        answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(compressed), compressed)
+        answer = (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+            % (len(compressed), compressed)
+        )
     else:
-        answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(compressed), compressed)
+        answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(compressed),
+            compressed,
+        )
     server = await upstream(answer_each(answer))
     proxy = await make_proxy(upstream=server.url)
     async with client.get(proxy.url + "/x", headers={"Accept-Encoding": "gzip"}) as response:
@@ -910,16 +1004,22 @@ async def test_proxy_passes_a_gzip_body_byte_for_byte(login: TokenPair, make_pro
         assert await within(response.read()) == compressed
 
 
-async def test_proxy_does_not_turn_trailers_into_headers(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_proxy_does_not_turn_trailers_into_headers(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """A trailer field the upstream sends after the last chunk does not reach the client as a response header."""
-    server = await upstream(answer_each(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n"))
+    server = await upstream(
+        answer_each(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n")
+    )
     proxy = await make_proxy(upstream=server.url)
     _, headers, body = await raw_exchange(proxy, b"GET /x HTTP/1.1\r\nHost: " + proxy_host(proxy) + b"\r\n\r\n")
     assert body == b"ok"
     assert "x-checksum" not in {name.lower() for name, _ in headers}
 
 
-async def test_proxy_head_keeps_the_upstream_content_length(login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream) -> None:
+async def test_proxy_head_keeps_the_upstream_content_length(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
     """A HEAD through the proxy answers at once with the upstream's Content-Length: 1000 and no body."""
     server = await upstream(answer_each(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"))
     proxy = await make_proxy(upstream=server.url)

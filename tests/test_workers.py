@@ -8,10 +8,10 @@ import signal
 from pathlib import Path
 
 import aiohttp
-
-from sidecar.mockcloud import MockCloud
 from conftest import run_sidecar, seed_expired
 from test_serve import Served, running_serve, status_of
+
+from sidecar.mockcloud import MockCloud
 
 WORKERS = 2
 REQUESTS = 100
@@ -35,14 +35,20 @@ def worker_pids(parent: int) -> set[int]:
 
 async def burst(served: Served, count: int) -> list[int]:
     # A fresh connection per request, so the kernel spreads them over the workers.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=20)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=20)
+    ) as session:
         return list(await asyncio.gather(*(status_of(served, session) for _ in range(count))))
 
 
-async def test_workers_share_one_refresh_per_expiry(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_workers_share_one_refresh_per_expiry(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """Two workers on an expired store serve 100 concurrent requests with exactly one refresh call."""
     seed_expired(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--workers", str(WORKERS)) as served:
+    async with running_serve(
+        env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--workers", str(WORKERS)
+    ) as served:
         assert len(worker_pids(served.pid)) == WORKERS
         statuses = await burst(served, REQUESTS)
     assert statuses == [200] * REQUESTS
@@ -50,20 +56,30 @@ async def test_workers_share_one_refresh_per_expiry(cloud: MockCloud, store_path
     assert cloud.chain_revocations == 0
 
 
-async def test_sigterm_stops_all_workers_with_exit_0(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_sigterm_stops_all_workers_with_exit_0(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """SIGTERM to the parent stops every worker and the parent exits 0."""
     seed_expired(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--workers", str(WORKERS)) as served:
+    async with running_serve(
+        env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--workers", str(WORKERS)
+    ) as served:
         workers = worker_pids(served.pid)
         assert len(workers) == WORKERS
         assert await served.stop(signal.SIGTERM) == 0
-    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in workers)
+    assert all(
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in workers
+    )
 
 
-async def test_a_killed_worker_is_replaced(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_a_killed_worker_is_replaced(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """A worker that dies is restarted and the proxy keeps answering."""
     seed_expired(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--workers", str(WORKERS)) as served:
+    async with running_serve(
+        env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--workers", str(WORKERS)
+    ) as served:
         # Not mid-refresh: a SIGKILL there can lose the rotated token (the crash tests cover that window).
         assert await burst(served, 4) == [200] * 4
         victim = min(worker_pids(served.pid))
@@ -77,10 +93,14 @@ async def test_a_killed_worker_is_replaced(cloud: MockCloud, store_path: Path, e
         assert await burst(served, 20) == [200] * 20
 
 
-async def test_workers_stop_when_the_parent_is_killed(cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str) -> None:
+async def test_workers_stop_when_the_parent_is_killed(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
     """SIGKILL to the parent takes its workers down too: no orphan keeps serving the login."""
     seed_expired(store_path, cloud)
-    async with running_serve(env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--workers", str(WORKERS)) as served:
+    async with running_serve(
+        env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--workers", str(WORKERS)
+    ) as served:
         workers = worker_pids(served.pid)
         served.process.kill()
         await served.process.wait()
@@ -91,8 +111,21 @@ async def test_workers_stop_when_the_parent_is_killed(cloud: MockCloud, store_pa
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
-async def test_workers_with_unix_socket_is_a_config_error(cloud: MockCloud, store_path: Path, env: dict[str, str], tmp_path: Path) -> None:
+async def test_workers_with_unix_socket_is_a_config_error(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], tmp_path: Path
+) -> None:
     """--workers 2 with a unix socket exits 2 with one line naming workers."""
-    run = await run_sidecar(env, "serve", "--workers", "2", "--listen", f"unix:{tmp_path}/s.sock", "--store", str(store_path), "--upstream", cloud.base_url)
+    run = await run_sidecar(
+        env,
+        "serve",
+        "--workers",
+        "2",
+        "--listen",
+        f"unix:{tmp_path}/s.sock",
+        "--store",
+        str(store_path),
+        "--upstream",
+        cloud.base_url,
+    )
     assert run.code == 2
     assert run.err.strip().count("\n") == 0 and "workers" in run.err

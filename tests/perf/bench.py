@@ -85,7 +85,7 @@ def mean(values: list[float]) -> float | None:
 
 
 def iso(epoch: float) -> str:
-    moment = dt.datetime.fromtimestamp(epoch, tz=dt.timezone.utc)
+    moment = dt.datetime.fromtimestamp(epoch, tz=dt.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -200,7 +200,7 @@ class RssSampler:
             self.peak_kib = max(self.peak_kib, rss_kib(self.pids))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -372,7 +372,14 @@ class Wrk:
 
     def run(self, port: int, path: str, conns: int, duration: int) -> dict[str, Any]:
         argv = [
-            *self.prefix, self.wrk, "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "10s", "--latency",
+            *self.prefix,
+            self.wrk,
+            "-t1",
+            f"-c{conns}",
+            f"-d{duration}s",
+            "--timeout",
+            "10s",
+            "--latency",
             f"http://127.0.0.1:{port}{path}",
         ]
         try:
@@ -615,8 +622,14 @@ def header_info(nginx: str, wrk: str, plan_desc: str, minimal_loop: str, usable_
 
 class Bench:
     def __init__(
-        self, args: argparse.Namespace, workdir: Path, nginx: str, wrk: str, curl: str,
-        plan: tuple[str | None, str | None, str], usable_cpus: int,
+        self,
+        args: argparse.Namespace,
+        workdir: Path,
+        nginx: str,
+        wrk: str,
+        curl: str,
+        plan: tuple[str | None, str | None, str],
+        usable_cpus: int,
     ) -> None:
         self.args = args
         self.duration: int = args.duration
@@ -645,8 +658,18 @@ class Bench:
     def start_mock_cloud(self) -> Server:
         port = free_port()
         argv = [
-            sys.executable, "-m", "sidecar", "mock-cloud", "--host", "127.0.0.1", "--port", str(port),
-            "--access-ttl", "86400", "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "sidecar",
+            "mock-cloud",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--access-ttl",
+            "86400",
+            "--log-level",
+            "warning",
         ]
         for token in self.tokens.values():
             argv += ["--known-refresh-token", token]
@@ -656,7 +679,17 @@ class Bench:
 
     def start_nginx(self, name: str, conf: Path, port: int, ready_path: str) -> Server:
         prefix = conf.parent
-        argv = [self.nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs" / "error.log"), "-g", "daemon off;"]
+        argv = [
+            self.nginx,
+            "-p",
+            str(prefix),
+            "-c",
+            str(conf),
+            "-e",
+            str(prefix / "logs" / "error.log"),
+            "-g",
+            "daemon off;",
+        ]
         server = self.procs.start(name, argv, port)
         self.procs.wait_ready(server, ready_path)
         return server
@@ -664,8 +697,19 @@ class Bench:
     def start_sidecar(self, name: str, store: Path, *extra: str, consecutive: int = 1) -> tuple[Server, float]:
         port = free_port()
         argv = [
-            sys.executable, "-m", "sidecar", "serve", "--upstream", self.upstream_url, "--store", str(store),
-            "--listen", f"127.0.0.1:{port}", "--log-level", "warning", *extra,
+            sys.executable,
+            "-m",
+            "sidecar",
+            "serve",
+            "--upstream",
+            self.upstream_url,
+            "--store",
+            str(store),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            *extra,
         ]
         server = self.procs.start(name, argv, port)
         waited = self.procs.wait_ready(server, "/_sidecar/ready", consecutive=consecutive)
@@ -677,7 +721,9 @@ class Bench:
             conn = http.client.HTTPConnection("127.0.0.1", self.mock.port, timeout=10)
         try:
             conn.request(
-                "POST", "/api/v1/auth/token/refresh", body=json.dumps({"refreshToken": refresh_token}),
+                "POST",
+                "/api/v1/auth/token/refresh",
+                body=json.dumps({"refreshToken": refresh_token}),
                 headers={"Content-Type": "application/json"},
             )
             resp = conn.getresponse()
@@ -723,11 +769,26 @@ class Bench:
         self.store = w / "store-main.json"
         done = subprocess.run(
             [
-                sys.executable, "-m", "sidecar", "import", "--store", str(self.store), "--upstream", self.upstream_url,
-                "--access-token", pair["accessToken"], "--refresh-token", pair["refreshToken"],
-                "--expires-at", pair["accessTokenExpiresAt"],
+                sys.executable,
+                "-m",
+                "sidecar",
+                "import",
+                "--store",
+                str(self.store),
+                "--upstream",
+                self.upstream_url,
+                "--access-token",
+                pair["accessToken"],
+                "--refresh-token",
+                pair["refreshToken"],
+                "--expires-at",
+                pair["accessTokenExpiresAt"],
             ],
-            capture_output=True, text=True, env=self.env, cwd=w, timeout=60,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=w,
+            timeout=60,
         )
         if done.returncode != 0:
             raise BenchError(f"sidecar import failed ({done.returncode}): {done.stderr.strip()}")
@@ -791,7 +852,9 @@ class Bench:
         case["best"] = best
         one_conn = case["connections"] == 1
         self.say()
-        self.say(f"== {case['title']} (GET {case['path']}, wrk -t1 -c{case['connections']}, {self.duration} s per run) ==")
+        self.say(
+            f"== {case['title']} (GET {case['path']}, wrk -t1 -c{case['connections']}, {self.duration} s per run) =="
+        )
         cols = (
             f"{'target':<16} {'run':>4} {'req/s':>10} {'p50':>9} {'p99':>9} {'CPU us/req':>10} {'errors':>6} "
             f"{'x direct':>8} {'x nginx':>8} {'x minimal':>9}"
@@ -826,13 +889,14 @@ class Bench:
         if errors:
             self.say(f"  WARNING: non-2xx/3xx or socket errors during runs: {errors}")
         noisy = {
-            t: round(max(r["rps"] for r in runs[t]) / max(min(r["rps"] for r in runs[t]), 1e-9), 2)
-            for t in TARGETS
+            t: round(max(r["rps"] for r in runs[t]) / max(min(r["rps"] for r in runs[t]), 1e-9), 2) for t in TARGETS
         }
         noisy = {t: v for t, v in noisy.items() if v > 1.2}
         case["noisy"] = noisy
         if noisy:
-            self.say(f"  NOISY: runs of the same target differ by more than 20% (best/worst req/s: {noisy}); other load on the box?")
+            self.say(
+                f"  NOISY: runs of the same target differ by more than 20% (best/worst req/s: {noisy}); other load on the box?"
+            )
 
     def print_targets(self) -> None:
         cases = self.results["cases"]
@@ -898,7 +962,9 @@ class Bench:
         server, _ = self.start_sidecar("sidecar-burst", store, "--leeway", f"{LEEWAY:g}")
         wait = due - offset - time.time()
         if wait < 0:
-            raise BenchError(f"sidecar-burst took too long to start ({-wait:.1f} s late); rerun with a longer --duration")
+            raise BenchError(
+                f"sidecar-burst took too long to start ({-wait:.1f} s late); rerun with a longer --duration"
+            )
         if wait > 1.5:  # warm-up when there is time
             self.wrk.run(server.port, "/small", 64, 1)
         time.sleep(max(0.0, due - offset - time.time()))  # start wrk `offset` seconds before the refresh is due
@@ -960,7 +1026,14 @@ class Bench:
         cpu0 = cpu_seconds(pids)
         with RssSampler(pids) as rss:
             text = self._curl(
-                ["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", f"http://127.0.0.1:{port}/huge"]
+                [
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{size_download} %{time_total}",
+                    f"http://127.0.0.1:{port}/huge",
+                ]
             )
         cpu = cpu_seconds(pids) - cpu0
         code, size, secs = text.split()
@@ -976,10 +1049,20 @@ class Bench:
         with RssSampler(pids) as rss:
             text = self._curl(
                 [
-                    "-sS", "-H", "Expect:", "-H", "Content-Type: application/octet-stream", *auth,
+                    "-sS",
+                    "-H",
+                    "Expect:",
+                    "-H",
+                    "Content-Type: application/octet-stream",
+                    *auth,
                     # -T streams the file (with Content-Length); --data-binary @FILE would load it
                     # into memory, and curl refuses files of 1 GiB and more ("out of memory").
-                    "-X", "POST", "-T", str(self.huge), "-w", "\n%{http_code} %{size_upload} %{time_total}",
+                    "-X",
+                    "POST",
+                    "-T",
+                    str(self.huge),
+                    "-w",
+                    "\n%{http_code} %{size_upload} %{time_total}",
                     f"http://127.0.0.1:{port}/api/v1/upload",
                 ]
             )
@@ -1001,7 +1084,9 @@ class Bench:
         out: dict[str, Any] = {"bytes": size, "seconds": secs, "mb_per_s": size / secs / 1e6}
         if sidecar:
             out.update(
-                rss_start_kib=rss.start_kib, rss_peak_kib=rss.peak_kib, rss_growth_kib=rss.peak_kib - rss.start_kib,
+                rss_start_kib=rss.start_kib,
+                rss_peak_kib=rss.peak_kib,
+                rss_growth_kib=rss.peak_kib - rss.start_kib,
                 sidecar_cpu_s=cpu,
             )
         return out
@@ -1020,7 +1105,10 @@ class Bench:
             f"{'RSS growth':>10} {'sidecar CPU':>11}"
         )
         for key, label in (
-            ("down", "down, sidecar"), ("down_direct", "down, direct"), ("up", "up, sidecar"), ("up_direct", "up, direct"),
+            ("down", "down, sidecar"),
+            ("down_direct", "down, direct"),
+            ("up", "up, sidecar"),
+            ("up_direct", "up, direct"),
         ):
             r = out[key]
             line = f"{label:<22} {r['bytes']:>12} {r['seconds']:>8.2f} {r['mb_per_s']:>8.0f}"
@@ -1083,9 +1171,18 @@ class Bench:
         self.results["settings"] = {"duration_s": self.duration, "runs": self.runs, "warmup_s": self.warmup}
         self.say("sidecar loopback benchmark")
         for key, label in (
-            ("date", "date"), ("machine", "uname -m"), ("cpu_model", "CPU"), ("cores", "cores"),
-            ("python", "Python"), ("aiohttp", "aiohttp"), ("uvloop", "uvloop"), ("nginx", "nginx"), ("wrk", "wrk"),
-            ("sidecar", "sidecar"), ("pinning", "pinning"), ("minimal_proxy_loop", "minimal proxy loop"),
+            ("date", "date"),
+            ("machine", "uname -m"),
+            ("cpu_model", "CPU"),
+            ("cores", "cores"),
+            ("python", "Python"),
+            ("aiohttp", "aiohttp"),
+            ("uvloop", "uvloop"),
+            ("nginx", "nginx"),
+            ("wrk", "wrk"),
+            ("sidecar", "sidecar"),
+            ("pinning", "pinning"),
+            ("minimal_proxy_loop", "minimal proxy loop"),
             ("busy_percent_before_start", "other load"),
         ):
             value = info[key]
@@ -1095,7 +1192,9 @@ class Bench:
                 busy = ", ".join(f"{cpu} {pct:.0f}% busy" for cpu, pct in value.items())
                 value = f"{busy} over 1 s before start; loadavg {' '.join(info['loadavg'])}"
             self.say(f"  {label + ':':<20} {value}")
-        self.say(f"  {'runs:':<20} {self.runs} x {self.duration} s per target and case, after a {self.warmup} s warm-up")
+        self.say(
+            f"  {'runs:':<20} {self.runs} x {self.duration} s per target and case, after a {self.warmup} s warm-up"
+        )
         t0 = time.monotonic()
         self.setup()
         self.say(f"  {'sidecar startup:':<20} {self.sidecar_startup:.2f} s to /_sidecar/ready")
@@ -1111,9 +1210,17 @@ class Bench:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Loopback benchmark: sidecar vs direct, nginx proxy and a minimal aiohttp proxy.")
+    parser = argparse.ArgumentParser(
+        description="Loopback benchmark: sidecar vs direct, nginx proxy and a minimal aiohttp proxy."
+    )
     parser.add_argument("--quick", action="store_true", help="2 s runs instead of 5 s")
-    parser.add_argument("--duration", type=int, default=None, metavar="S", help="seconds per wrk run (whole seconds; default 5, --quick 2)")
+    parser.add_argument(
+        "--duration",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seconds per wrk run (whole seconds; default 5, --quick 2)",
+    )
     parser.add_argument("--runs", type=int, default=2, help="runs per target and case (at least 2; default 2)")
     parser.add_argument("--json", metavar="FILE", help="also write every number as JSON to FILE")
     args = parser.parse_args()
@@ -1125,7 +1232,10 @@ def main() -> int:
 
     missing = [name for name in ("wrk", "nginx", "curl") if find_tool(name) is None]
     if missing:
-        print(f"bench: error: {' and '.join(missing)} not found; install with: apt-get install wrk nginx curl", file=sys.stderr)
+        print(
+            f"bench: error: {' and '.join(missing)} not found; install with: apt-get install wrk nginx curl",
+            file=sys.stderr,
+        )
         return 1
     nginx, wrk, curl = find_tool("nginx"), find_tool("wrk"), find_tool("curl")
     assert nginx and wrk and curl

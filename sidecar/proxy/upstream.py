@@ -18,7 +18,7 @@ import asyncio
 import collections
 import socket
 import ssl as ssl_module
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import httptools
 
@@ -83,7 +83,11 @@ class _Connection(asyncio.Protocol):
             if response.status and response.until_eof and exc is None:
                 response.complete = True  # a body delimited by the connection's end
             elif self._exception is None:
-                self._exception = UpstreamUnreachable("the upstream closed the connection" if self._received_any or exc is None else f"the upstream connection failed ({type(exc).__name__})")
+                self._exception = UpstreamUnreachable(
+                    "the upstream closed the connection"
+                    if self._received_any or exc is None
+                    else f"the upstream connection failed ({type(exc).__name__})"
+                )
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(UpstreamUnreachable("the upstream closed the connection"))
@@ -191,7 +195,12 @@ class _Connection(asyncio.Protocol):
             raise self._exception
 
     def consumed(self) -> None:
-        if self._read_paused and self.response is not None and self.response.buffered < _RESUME_BELOW and self.transport is not None:
+        if (
+            self._read_paused
+            and self.response is not None
+            and self.response.buffered < _RESUME_BELOW
+            and self.transport is not None
+        ):
             self._read_paused = False
             self.transport.resume_reading()
 
@@ -265,7 +274,18 @@ def _until_eof(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
 class UpstreamResponse:
     """The upstream's answer: status, raw headers, and the body as it arrives."""
 
-    __slots__ = ("_connection", "status", "reason", "headers", "keep_alive", "until_eof", "complete", "chunks", "buffered", "_released")
+    __slots__ = (
+        "_connection",
+        "_released",
+        "buffered",
+        "chunks",
+        "complete",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "until_eof",
+    )
 
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
@@ -340,16 +360,24 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         default_port = 443 if scheme == "https" else 80
         authority = f"[{host}]" if ":" in host else host
-        self.host_header = (authority if port == default_port else f"{authority}:{port}").encode("idna" if not host.isascii() else "ascii")
+        self.host_header = (authority if port == default_port else f"{authority}:{port}").encode(
+            "idna" if not host.isascii() else "ascii"
+        )
 
     async def _connect(self) -> _Connection:
         connection = _Connection(self)
         try:
             await asyncio.wait_for(
-                self.loop.create_connection(lambda: connection, self._host, self._port, ssl=self._ssl, server_hostname=self._host if self._ssl else None),
+                self.loop.create_connection(
+                    lambda: connection,
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl else None,
+                ),
                 self._connect_timeout,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout("connecting to the upstream timed out") from None
         except (OSError, ssl_module.SSLError) as exc:
             raise UpstreamUnreachable(f"cannot connect to the upstream ({type(exc).__name__})") from None
@@ -380,7 +408,9 @@ class UpstreamPool:
             connection.close()
         self._idle.clear()
 
-    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *, chunked: bool, head_only: bool) -> UpstreamResponse:
+    async def send(
+        self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *, chunked: bool, head_only: bool
+    ) -> UpstreamResponse:
         """Send one request and wait for the response head.
 
         ``head`` is the request line and headers, ending in a blank line.  A
@@ -409,7 +439,9 @@ class UpstreamPool:
                 raise
 
 
-async def _write_request(connection: _Connection, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool) -> None:
+async def _write_request(
+    connection: _Connection, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool
+) -> None:
     if body is None:
         connection.write(head)
         return

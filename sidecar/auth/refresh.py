@@ -7,16 +7,16 @@ sidecar's; nothing here caches or persists.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
+from typing import Any
 from urllib.parse import quote_plus, urlencode
-from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
 from sidecar import __version__
+from sidecar.auth.answers import error_code, json_object
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
 from sidecar.tokens import TokenPair, pair_from_grant
@@ -32,12 +32,6 @@ _ALWAYS_DEAD = frozenset({401, 403})
 _DEAD_WITH_INVALID_GRANT = frozenset({400, 401, 403})
 
 
-class Refresher(Protocol):
-    """Exchanges a pair's refresh token for a new pair."""
-
-    async def refresh(self, pair: TokenPair, now: float) -> TokenPair: ...
-
-
 def classify_failure(status: int, body: bytes, *, oauth2: bool = False) -> RefreshDead | RefreshTransient:
     """The error a non-2xx token endpoint answer means.
 
@@ -45,7 +39,7 @@ def classify_failure(status: int, body: bytes, *, oauth2: bool = False) -> Refre
     §5.2): only invalid_grant is; a 401 there is invalid_client, a
     configuration mistake that left the refresh token unspent.
     """
-    error = _error_code(body)
+    error = error_code(json_object(body).get("error"))
     if oauth2:
         if error == "invalid_grant":
             return RefreshDead(f"token endpoint rejected the refresh token: HTTP {status} (invalid_grant)")
@@ -58,18 +52,6 @@ def classify_failure(status: int, body: bytes, *, oauth2: bool = False) -> Refre
         return RefreshDead(f"token endpoint rejected the refresh token: HTTP {status}{suffix}")
     suffix = f" ({error})" if error else ""
     return RefreshTransient(f"token endpoint answered HTTP {status}{suffix}")
-
-
-def _error_code(body: bytes) -> str | None:
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    error = document.get("error") if isinstance(document, dict) else None
-    # Only short machine codes are echoed into messages, never free text.
-    if isinstance(error, str) and len(error) <= 64 and error.replace("_", "").isalnum():
-        return error
-    return None
 
 
 class HttpRefresher:
@@ -88,12 +70,10 @@ class HttpRefresher:
     async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
         url, options = self._request(pair)
         try:
-            async with self._session.post(
-                url, timeout=self._timeout, allow_redirects=False, **options
-            ) as response:
+            async with self._session.post(url, timeout=self._timeout, allow_redirects=False, **options) as response:
                 body = await response.read()
                 status = response.status
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RefreshTransient("token endpoint timed out") from None
         except aiohttp.ClientError as exc:
             raise RefreshTransient(f"token endpoint unreachable: {type(exc).__name__}") from None
@@ -151,7 +131,7 @@ def basic_credentials(client_id: str, client_secret: str) -> str:
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
-def make_refresher(session: aiohttp.ClientSession, settings: Settings) -> Refresher:
+def make_refresher(session: aiohttp.ClientSession, settings: Settings) -> HttpRefresher:
     """The refresher for ``settings.flavor``."""
     if settings.flavor == "oauth2":
         return OAuth2Refresher(session, settings)

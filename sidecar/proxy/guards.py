@@ -6,7 +6,7 @@ Sec-Fetch-Site) and path escapes from the upstream's prefix.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import unquote
 
 # Decoding more than this many times finds nothing new in a sane path.
@@ -81,7 +81,9 @@ def host_allowed(host_header: str | None, allowed_hosts: Iterable[str]) -> bool:
     return False
 
 
-def origin_allowed(origin: str | None, sec_fetch_site: str | None, host_header: str | None, allowed_origins: Iterable[str]) -> bool:
+def origin_allowed(
+    origin: str | None, sec_fetch_site: str | None, host_header: str | None, allowed_origins: Iterable[str]
+) -> bool:
     """False for a cross-site browser request.
 
     A request without ``Origin`` (curl, SDKs) passes; one whose Origin is the

@@ -6,16 +6,17 @@ None of them ever shows a token; they describe the login, not its secrets.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from sidecar import problems
 from sidecar.config import Settings
 from sidecar.manager import TokenManager
-from sidecar.metrics import Metrics
-from sidecar.tokens import format_timestamp
+from sidecar.proxy import problems
+from sidecar.server.metrics import Metrics
+from sidecar.tokens import TokenState, format_timestamp, token_state
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -38,16 +39,18 @@ def status_document(manager: TokenManager, settings: Settings, now: float) -> di
     }
 
 
-def token_usable(manager: TokenManager, now: float) -> bool:
-    """True when an access token is held that has not expired."""
+def token_usable(manager: TokenManager, leeway: float, now: float) -> bool:
+    """True when an access token is held that has not expired (fresh, or due and still valid)."""
     pair = manager.pair
-    return pair is not None and pair.access_token is not None and pair.expires_at is not None and pair.expires_at > now
+    return pair is not None and token_state(pair, now, leeway) is not TokenState.EXPIRED
 
 
 class LocalEndpoints:
     """Answers ``/_sidecar/<name>``."""
 
-    def __init__(self, manager: TokenManager, settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, manager: TokenManager, settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.time
+    ) -> None:
         self._manager = manager
         self._settings = settings
         self._metrics = metrics
@@ -55,15 +58,21 @@ class LocalEndpoints:
 
     async def __call__(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
-            return problems.problem_response(problems.METHOD_NOT_ALLOWED, "Sidecar endpoints answer GET only.", headers={"Allow": "GET, HEAD"})
+            return problems.problem_response(
+                problems.METHOD_NOT_ALLOWED, "Sidecar endpoints answer GET only.", headers={"Allow": "GET, HEAD"}
+            )
         if name == "health":
             return web.json_response({"status": "ok"}, headers=_NO_STORE)
         if name == "ready":
-            ready = token_usable(self._manager, self._clock())
+            ready = token_usable(self._manager, self._settings.leeway, self._clock())
             return web.json_response({"ready": ready}, status=200 if ready else 503, headers=_NO_STORE)
         if name == "status":
             document = status_document(self._manager, self._settings, self._clock())
             return web.Response(body=orjson.dumps(document), content_type="application/json", headers=_NO_STORE)
         if name == "metrics":
-            return web.Response(body=self._metrics.render(), headers={"Content-Type": self._metrics.content_type, **_NO_STORE})
-        return problems.problem_response(problems.NOT_FOUND, "Known endpoints: /_sidecar/health, ready, status, metrics.")
+            return web.Response(
+                body=self._metrics.render(), headers={"Content-Type": self._metrics.content_type, **_NO_STORE}
+            )
+        return problems.problem_response(
+            problems.NOT_FOUND, "Known endpoints: /_sidecar/health, ready, status, metrics."
+        )

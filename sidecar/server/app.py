@@ -13,22 +13,22 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator, Callable, TextIO
+from collections.abc import AsyncIterator, Callable
+from typing import TextIO
 
 import aiohttp
 from aiohttp import web
 
-from sidecar.accesslog import AccessLog
+from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
-from sidecar.local import LocalEndpoints
 from sidecar.manager import TokenManager
-from sidecar.metrics import Metrics
-from sidecar.proxy import Outcome, Proxy
-from sidecar.refresh import make_refresher
-from sidecar.store import TokenStore
+from sidecar.proxy.handler import Outcome, Proxy
+from sidecar.server.accesslog import AccessLog
+from sidecar.server.admin import LocalEndpoints
+from sidecar.server.metrics import Metrics
+from sidecar.store.location import open_store
 
 log = logging.getLogger("sidecar.app")
-
 
 
 # At shutdown a refresh in flight gets at least this long to finish and save.
@@ -38,12 +38,9 @@ SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 @dataclasses.dataclass(slots=True)
 class Sidecar:
-    """The running parts of one proxy."""
+    """The running parts of one proxy that its host (serve, a test) drives."""
 
-    settings: Settings
     manager: TokenManager
-    session: aiohttp.ClientSession
-    metrics: Metrics
     server: web.Server
     proxy: Proxy
 
@@ -57,7 +54,9 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
         skip_auto_headers=SKIP_AUTO_HEADERS,
         cookie_jar=aiohttp.DummyCookieJar(),  # never replay one client's cookies to another
         auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
         trust_env=False,
     )
 
@@ -68,7 +67,15 @@ def _recorder(metrics: Metrics, access_log: AccessLog) -> Callable[[web.BaseRequ
         if access_log.enabled:
             raw = request.raw_path
             mark = raw.find("?")
-            access_log.write(request.method, raw if mark < 0 else raw[:mark], outcome.status, outcome.upstream_status, seconds * 1000, outcome.retried, outcome.refreshed)
+            access_log.write(
+                request.method,
+                raw if mark < 0 else raw[:mark],
+                outcome.status,
+                outcome.upstream_status,
+                seconds * 1000,
+                outcome.retried,
+                outcome.refreshed,
+            )
 
     return record
 
@@ -85,19 +92,22 @@ async def running_sidecar(
     session = client_session(settings)
     metrics = Metrics()
     manager = TokenManager(
-        TokenStore(settings.store),
+        open_store(settings.store),
         make_refresher(session, settings),
         leeway=settings.leeway,
         clock=clock,
         observer=metrics.refresh,
         refresh_in_background=True,
     )
+    await manager.load()
     access_log = AccessLog(log_stream, settings.log_format, enabled=settings.log_level in ("debug", "info"))
-    proxy = Proxy(settings, manager, session, LocalEndpoints(manager, settings, metrics, clock), _recorder(metrics, access_log))
+    proxy = Proxy(
+        settings, manager, session, LocalEndpoints(manager, settings, metrics, clock), _recorder(metrics, access_log)
+    )
     server = web.Server(proxy.handle, handler_cancellation=True, auto_decompress=False, access_log=None)
     background = asyncio.get_running_loop().create_task(manager.run_proactive()) if proactive else None
     try:
-        yield Sidecar(settings, manager, session, metrics, server, proxy)
+        yield Sidecar(manager, server, proxy)
     finally:
         proxy.close()
         if background is not None:

@@ -9,25 +9,22 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 import aiohttp
 import orjson
 
+from sidecar.auth.imported import pair_from_import
+from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
-from sidecar.refresh import make_refresher
-from sidecar.store import TokenStore
-from sidecar.tokens import TokenPair, format_timestamp, parse_timestamp
+from sidecar.store.interface import StoreSnapshot, clear_store, write_pair
+from sidecar.store.location import open_store
+from sidecar.tokens import TokenPair, format_timestamp
 
 WHOAMI_PATH = "/api/v1/auth/whoami"
-IMPORT_ENV = {
-    "access_token": "SIDECAR_ACCESS_TOKEN",
-    "refresh_token": "SIDECAR_REFRESH_TOKEN",
-    "expires_at": "SIDECAR_EXPIRES_AT",
-    "upstream": "SIDECAR_UPSTREAM",
-}
 
 
 def _client_session(settings: Settings) -> aiohttp.ClientSession:
@@ -41,9 +38,10 @@ def _say(stream: TextIO, message: str) -> None:
 
 async def token_command(settings: Settings, *, force: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Print a fresh access token (refreshing under the shared lock if needed)."""
-    store = TokenStore(settings.store)
+    store = open_store(settings.store)
     async with _client_session(settings) as session:
         manager = TokenManager(store, make_refresher(session, settings), leeway=settings.leeway)
+        await manager.load()
         before = manager.pair  # the hint needs its apiUrl even after a dead token clears it
         try:
             token = await (manager.force_refresh() if force else manager.access_token())
@@ -57,7 +55,10 @@ async def token_command(settings: Settings, *, force: bool, out: TextIO = sys.st
                 return 1
             token = pair.access_token
         if manager.stats.transient:
-            _say(err, f"warning: refresh failed ({manager.stats.last_error}); printing the current token, which may be expired")
+            _say(
+                err,
+                f"warning: refresh failed ({manager.stats.last_error}); printing the current token, which may be expired",
+            )
     print(token, file=out)
     return 0
 
@@ -67,73 +68,50 @@ def login_hint(settings: Settings, pair: TokenPair | None = None) -> str:
     return f"sidecar login --upstream {upstream}" if upstream else "sidecar login --upstream <API>"
 
 
-def pair_from_import(settings: Settings, values: Mapping[str, str | None], env: Mapping[str, str], now: float, previous: TokenPair | None = None) -> TokenPair:
-    """The pair that flags (else SIDECAR_* import variables) describe; ConfigError if unusable."""
-
-    def pick(key: str) -> str | None:
-        value = values.get(key)
-        if value is None:
-            value = env.get(IMPORT_ENV[key]) or None
-        return value
-
-    refresh = pick("refresh_token")
-    if not refresh:
-        raise ConfigError("import needs a refresh token: --refresh-token or SIDECAR_REFRESH_TOKEN")
-    raw_expiry = pick("expires_at")
-    expires_at = parse_timestamp(raw_expiry) if raw_expiry else None
-    if raw_expiry and expires_at is None:
-        raise ConfigError("--expires-at / SIDECAR_EXPIRES_AT: expected an ISO 8601 timestamp such as 2026-01-31T12:00:00Z")
-    if not settings.upstream:
-        raise ConfigError("import needs the cloud API URL: --upstream or SIDECAR_UPSTREAM")
-    return TokenPair(
-        access_token=pick("access_token"),
-        refresh_token=refresh,
-        api_url=settings.upstream,
-        expires_at=expires_at,
-        obtained_at=now,
-        extra=previous.extra if previous else {},
-    )
-
-
-def import_command(settings: Settings, values: Mapping[str, str | None], env: Mapping[str, str], *, clock: Any = time.time, err: TextIO = sys.stderr) -> int:
+def import_command(
+    settings: Settings,
+    values: Mapping[str, str | None],
+    env: Mapping[str, str],
+    *,
+    clock: Any = time.time,
+    err: TextIO = sys.stderr,
+) -> int:
     """Seed the store from flags, else the SIDECAR_* import variables."""
-    store = TokenStore(settings.store)
+    store = open_store(settings.store)
+    now = clock()
+    # Checked before taking the lock: bad input never waits for it.
     try:
-        pair = pair_from_import(settings, values, env, clock(), store.read().pair)
+        pair_from_import(settings, values, env, now)
     except ConfigError as exc:
         _say(err, str(exc))
         return 2
-    fd = store.acquire_lock()
-    try:
-        store.write(pair)
-    finally:
-        store.release_lock(fd)
+
+    def build(snapshot: StoreSnapshot) -> TokenPair:
+        return pair_from_import(settings, values, env, now, snapshot.pair)
+
+    pair = asyncio.run(write_pair(store, build))
+    assert pair is not None  # build always makes one
     note = "" if pair.access_token and pair.expires_at else " (the access token will be refreshed on first use)"
-    _say(err, f"imported a token pair for {pair.api_url} into {store.path}{note}")
+    _say(err, f"imported a token pair for {pair.api_url} into {store.description}{note}")
     return 0
 
 
 def logout_command(settings: Settings, *, err: TextIO = sys.stderr) -> int:
     """Delete the store; logging out twice is not an error."""
-    store = TokenStore(settings.store)
-    if not store.path.exists():
-        _say(err, f"not logged in; nothing to clear at {store.path}")
+    store = open_store(settings.store)
+    if not asyncio.run(clear_store(store)):
+        _say(err, f"not logged in; nothing to clear at {store.description}")
         return 0
-    fd = store.acquire_lock()
-    try:
-        store.clear()
-    finally:
-        store.release_lock(fd)
-    _say(err, f"logged out; removed {store.path}")
+    _say(err, f"logged out; removed {store.description}")
     return 0
 
 
 async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[str, Any]:
     """What ``sidecar status`` shows, as a JSON-ready dict without secrets."""
-    store = TokenStore(settings.store)
+    store = open_store(settings.store)
     report: dict[str, Any] = {
         "loggedIn": False,
-        "store": str(store.path),
+        "store": store.description,
         "apiUrl": None,
         "expiresAt": None,
         "secondsToExpiry": None,
@@ -142,6 +120,7 @@ async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[s
     }
     async with _client_session(settings) as session:
         manager = TokenManager(store, make_refresher(session, settings), leeway=settings.leeway)
+        await manager.load()
         pair = manager.pair
         if pair is None:
             report["problem"] = manager.problem or "not logged in"
@@ -174,7 +153,7 @@ async def _whoami(session: aiohttp.ClientSession, api_url: str, token: str) -> t
             body = await response.read()
             if response.status != 200:
                 return None, f"whoami answered HTTP {response.status}"
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return None, f"whoami failed: {type(exc).__name__}"
     try:
         document = orjson.loads(body)
@@ -224,4 +203,3 @@ async def status_command(settings: Settings, *, as_json: bool, out: TextIO = sys
         print(f"Note: {report['problem']}.", file=out)
     print(f"Token store: {report['store']}", file=out)
     return 0
-

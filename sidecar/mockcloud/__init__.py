@@ -111,9 +111,7 @@ def _seconds(value: float) -> int | float:
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """A JSON response serialized with orjson."""
-    return web.Response(
-        body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
-    )
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
 
 
 def _normalize_prefix(prefix: str) -> str:
@@ -583,10 +581,7 @@ class MockCloud:
                 "method": request.method,
                 "path": path,
                 "raw_query": raw_query,
-                "headers": [
-                    [name.decode("latin-1"), value.decode("latin-1")]
-                    for name, value in request.raw_headers
-                ],
+                "headers": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in request.raw_headers],
                 "authorization": request.headers.get("Authorization"),
                 "body_sha256": digest,
                 "body_length": length,
@@ -630,9 +625,7 @@ class MockCloud:
             interval = float(request.query.get("interval", "0.5"))
         except ValueError:
             return _json({"error": "invalid_request"}, 400)
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
             for i in range(n):
@@ -647,9 +640,7 @@ class MockCloud:
     async def _gzip(self, request: web.Request) -> web.StreamResponse:
         """A gzip-encoded body that must reach the client still compressed."""
         body = gzip.compress(b"hello gzip " * 100, mtime=0)
-        return web.Response(
-            body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
-        )
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
 
     async def _slow(self, request: web.Request) -> web.StreamResponse:
         """Answer after ``seconds``."""
@@ -718,9 +709,7 @@ class MockCloud:
 
     async def _ctl_fail_refresh(self, request: web.Request) -> web.StreamResponse:
         """HTTP twin of fail_next_refreshes()."""
-        self.fail_next_refreshes(
-            self._int_arg(request, "n", 1), self._int_arg(request, "status", 503)
-        )
+        self.fail_next_refreshes(self._int_arg(request, "n", 1), self._int_arg(request, "status", 503))
         return _json({"ok": True})
 
     async def _ctl_hang_refresh(self, request: web.Request) -> web.StreamResponse:
@@ -798,4 +787,3 @@ async def run_mock_cloud(
         await asyncio.Event().wait()
     finally:
         await cloud.stop()
-

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 from sidecar import __version__
 from sidecar.config import KEYS, Settings, load_settings
@@ -38,11 +39,11 @@ _KEY_HELP = {
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line with exit code 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"sidecar: error: {message} (see: {self.prog} --help)\n")
 
 
-def _config_flags() -> argparse.ArgumentParser:
+def _config_flags() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("configuration (each also SIDECAR_KEY_NAME or a TOML key)")
     group.add_argument("--config", metavar="FILE", help="TOML configuration file")
@@ -56,7 +57,9 @@ def _config_flags() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sidecar", description="A local proxy that holds your cloud login and injects a fresh bearer token.")
+    parser = _Parser(
+        prog="sidecar", description="A local proxy that holds your cloud login and injects a fresh bearer token."
+    )
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     config = _config_flags()
@@ -65,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     login = commands.add_parser("login", parents=[config], help="log in and store the token pair")
     login.add_argument("--no-browser", action="store_true", help="print the login URL instead of opening a browser")
-    login.add_argument("--flow", choices=("callback", "poll"), default="callback", help="callback (browser on this machine) or poll (headless, any device)")
+    login.add_argument(
+        "--flow",
+        choices=("callback", "poll"),
+        default="callback",
+        help="callback (browser on this machine) or poll (headless, any device)",
+    )
     login.add_argument("--login-timeout", type=float, default=300.0, help=argparse.SUPPRESS)
 
     commands.add_parser("logout", parents=[config], help="clear the token store")
@@ -87,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--access-ttl", type=float, default=86400.0, help="access token lifetime, seconds")
     mock.add_argument("--refresh-ttl", type=float, default=7 * 86400.0, help="refresh token lifetime, seconds")
     mock.add_argument("--prefix", default="", help="path prefix of the API, e.g. /cloud")
-    mock.add_argument("--known-refresh-token", action="append", default=[], metavar="TOKEN", help="accept this refresh token as a login (for container examples)")
+    mock.add_argument(
+        "--known-refresh-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="accept this refresh token as a login (for container examples)",
+    )
 
     demo = commands.add_parser("demo", parents=[config], help="mock cloud + login + proxy with short-lived tokens")
     demo.add_argument("--access-ttl", type=float, default=30.0, help="access token lifetime, seconds")
@@ -120,7 +134,9 @@ class _JsonFormatter(logging.Formatter):
 
         from sidecar.tokens import format_timestamp
 
-        return orjson.dumps({"ts": format_timestamp(record.created), "level": record.levelname.lower(), "message": _message(record)}).decode()
+        return orjson.dumps(
+            {"ts": format_timestamp(record.created), "level": record.levelname.lower(), "message": _message(record)}
+        ).decode()
 
 
 class _TextFormatter(logging.Formatter):
@@ -133,7 +149,9 @@ class _TextFormatter(logging.Formatter):
 def _setup_logging(settings: Settings, command: str) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
-    json_lines = command == "serve" and (settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty()))
+    json_lines = command == "serve" and (
+        settings.log_format == "json" or (settings.log_format == "auto" and not sys.stderr.isatty())
+    )
     handler.setFormatter(_JsonFormatter() if json_lines else _TextFormatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -150,7 +168,7 @@ def _setup_logging(settings: Settings, command: str) -> None:
 
 
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from sidecar import commands
+    from sidecar.cli import commands
 
     settings = _settings_from(args, env)
     name = args.command
@@ -170,18 +188,30 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         def ready(url: str) -> None:
             print(f"mock cloud listening on {url}", file=sys.stderr, flush=True)
 
-        _run_until_signal(run_mock_cloud(host=args.host, port=args.port, access_ttl=args.access_ttl, refresh_ttl=args.refresh_ttl, prefix=args.prefix, known_refresh_tokens=tuple(args.known_refresh_token), ready=ready))
+        _run_until_signal(
+            run_mock_cloud(
+                host=args.host,
+                port=args.port,
+                access_ttl=args.access_ttl,
+                refresh_ttl=args.refresh_ttl,
+                prefix=args.prefix,
+                known_refresh_tokens=tuple(args.known_refresh_token),
+                ready=ready,
+            )
+        )
         return EXIT_OK
     if name == "serve":
-        from sidecar.serve import serve_command
+        from sidecar.server.serve import serve_command
 
         return serve_command(settings, env)
     if name == "login":
-        from sidecar.login import login_command
+        from sidecar.auth.login import login_command
 
-        return asyncio.run(login_command(settings, flow=args.flow, open_browser=not args.no_browser, timeout=args.login_timeout))
+        return asyncio.run(
+            login_command(settings, flow=args.flow, open_browser=not args.no_browser, timeout=args.login_timeout)
+        )
     if name == "demo":
-        from sidecar.demo import demo_command
+        from sidecar.cli.demo import demo_command
 
         return demo_command(settings, access_ttl=args.access_ttl, cloud_port=args.cloud_port)
     raise ConfigError(f"unknown command {name!r}")
@@ -225,7 +255,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except KeyboardInterrupt:
         print("sidecar: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: no tracebacks for users
+    except Exception as exc:
         log.debug("unexpected error", exc_info=True)
-        print(f"sidecar: unexpected error ({type(exc).__name__}); run with --log-level debug for details", file=sys.stderr)
+        print(
+            f"sidecar: unexpected error ({type(exc).__name__}); run with --log-level debug for details", file=sys.stderr
+        )
         return EXIT_FAILED

@@ -18,13 +18,24 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        requests = Counter("sidecar_requests", "Requests answered, by status class.", ["status_class"], registry=self.registry)
+        requests = Counter(
+            "sidecar_requests", "Requests answered, by status class.", ["status_class"], registry=self.registry
+        )
         # Children resolved once: label lookup is the slow part of inc().
         self._by_class = {name: requests.labels(name) for name in _STATUS_CLASSES}
-        self._latency = Histogram("sidecar_upstream_latency_seconds", "Time to the upstream's response headers.", buckets=_LATENCY_BUCKETS, registry=self.registry)
-        refreshes = Counter("sidecar_refreshes", "Refresh calls to the token endpoint, by outcome.", ["outcome"], registry=self.registry)
+        self._latency = Histogram(
+            "sidecar_upstream_latency_seconds",
+            "Time to the upstream's response headers.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        refreshes = Counter(
+            "sidecar_refreshes", "Refresh calls to the token endpoint, by outcome.", ["outcome"], registry=self.registry
+        )
         self._refreshes = {name: refreshes.labels(name) for name in ("ok", "dead", "transient")}
-        self._relogins = Counter("sidecar_relogin_responses", "Re-login responses sent to clients.", registry=self.registry)
+        self._relogins = Counter(
+            "sidecar_relogin_responses", "Re-login responses sent to clients.", registry=self.registry
+        )
         self._retries = Counter("sidecar_retries", "Requests retried after an upstream 401.", registry=self.registry)
 
     def request(self, status: int, upstream_seconds: float | None, retried: bool, relogin: bool) -> None:

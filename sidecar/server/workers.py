@@ -14,10 +14,10 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.serve import ListenAddress
+from sidecar.server.listen import ListenAddress
 
 log = logging.getLogger("sidecar.workers")
 

@@ -17,18 +17,18 @@ from typing import TextIO
 
 import aiohttp
 
-from sidecar.app import Sidecar
+from sidecar.auth.login import callback_flow, save_login
 from sidecar.config import Settings
-from sidecar.login import callback_flow, save_login
 from sidecar.mockcloud import MockCloud
-from sidecar.serve import install_uvloop, parse_listen, serve
+from sidecar.server.app import Sidecar
+from sidecar.server.listen import parse_listen
+from sidecar.server.serve import install_uvloop, serve
 
 
 async def _act_as_browser(url: str) -> None:
     """Follow the login redirects the way a browser would (the mock cloud approves at once)."""
-    async with aiohttp.ClientSession() as browser:
-        async with browser.get(url) as response:
-            await response.read()
+    async with aiohttp.ClientSession() as browser, browser.get(url) as response:
+        await response.read()
 
 
 def instructions(proxy_url: str, cloud_url: str, store: str, access_ttl: float) -> str:
@@ -56,11 +56,17 @@ async def run_demo(settings: Settings, *, access_ttl: float, cloud_port: int, ou
     cloud_url = await cloud.start("127.0.0.1", cloud_port)
     try:
         settings = dataclasses.replace(settings, upstream=cloud_url)
-        print(f"Logging in to the mock cloud at {cloud_url} through the browser flow (the demo plays the browser)...", file=out, flush=True)
+        print(
+            f"Logging in to the mock cloud at {cloud_url} through the browser flow (the demo plays the browser)...",
+            file=out,
+            flush=True,
+        )
         pending: list[asyncio.Task[None]] = []
-        pair = await callback_flow(cloud_url, timeout=30, announce=lambda url: pending.append(asyncio.ensure_future(_act_as_browser(url))))
+        pair = await callback_flow(
+            cloud_url, timeout=30, announce=lambda url: pending.append(asyncio.ensure_future(_act_as_browser(url)))
+        )
         await asyncio.gather(*pending)
-        save_login(settings, pair)
+        await save_login(settings, pair)
 
         def ready(url: str, _sidecar: Sidecar) -> None:
             print(instructions(url, cloud_url, settings.store, access_ttl), file=out, flush=True)

@@ -7,7 +7,7 @@ headers copied minus a few.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -57,7 +57,9 @@ def _has_connection_header(raw: RawHeaders) -> bool:
     return False
 
 
-def request_head(method: str, target: bytes, host: bytes, raw: RawHeaders, authorization: bytes, chunked: bool) -> bytes:
+def request_head(
+    method: str, target: bytes, host: bytes, raw: RawHeaders, authorization: bytes, chunked: bool
+) -> bytes:
     """The upstream request's line and headers: the client's minus hop-by-hop, our Host and Authorization."""
     drop = _REQUEST_DROP_BYTES
     if _has_connection_header(raw):
@@ -83,7 +85,9 @@ def response_headers(raw: RawHeaders) -> CIMultiDict[str]:
     drop = _RESPONSE_DROP_BYTES
     if _has_connection_header(raw):
         drop = drop | _connection_tokens(raw)
-    return CIMultiDict((name.decode("latin-1"), value.decode("latin-1")) for name, value in raw if name.lower() not in drop)
+    return CIMultiDict(
+        (name.decode("latin-1"), value.decode("latin-1")) for name, value in raw if name.lower() not in drop
+    )
 
 
 def websocket_headers(headers: CIMultiDictProxy[str], authorization: str, skip: Iterable[str]) -> CIMultiDict[str]:

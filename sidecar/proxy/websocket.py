@@ -12,17 +12,24 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from sidecar.headers import websocket_headers
+from sidecar.proxy.headers import websocket_headers
 
 # aiohttp writes these for the upstream handshake itself.
-_HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions")
+_HANDSHAKE_HEADERS = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Extensions",
+)
 
 
 def requested_protocols(request: web.BaseRequest) -> tuple[str, ...]:
     return tuple(p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip())
 
 
-async def connect(session: aiohttp.ClientSession, request: web.BaseRequest, url: str, authorization: str, close_timeout: float) -> aiohttp.ClientWebSocketResponse:
+async def connect(
+    session: aiohttp.ClientSession, request: web.BaseRequest, url: str, authorization: str, close_timeout: float
+) -> aiohttp.ClientWebSocketResponse:
     """Open the upstream WebSocket; raises aiohttp's errors (WSServerHandshakeError carries the status)."""
     return await session.ws_connect(
         URL(url, encoded=True),
@@ -37,7 +44,9 @@ async def connect(session: aiohttp.ClientSession, request: web.BaseRequest, url:
 
 async def relay(request: web.BaseRequest, upstream: aiohttp.ClientWebSocketResponse) -> web.WebSocketResponse:
     """Accept the client's upgrade and copy frames until either side closes."""
-    downstream = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False, autoping=False, max_msg_size=0)
+    downstream = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False, autoping=False, max_msg_size=0
+    )
     try:
         await downstream.prepare(request)
         await _pump(downstream, upstream)
@@ -49,7 +58,10 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientWebSocketRespo
 async def _pump(downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
     """Copy frames both ways until either side closes."""
 
-    async def copy(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    async def copy(
+        source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    ) -> None:
         async for message in source:
             if message.type == aiohttp.WSMsgType.TEXT:
                 await sink.send_str(message.data)

@@ -13,20 +13,20 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar import problems, websocket
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
-from sidecar.guards import host_allowed, origin_allowed, path_escapes, split_target
-from sidecar.headers import request_head, response_headers
 from sidecar.manager import TokenManager
-from sidecar.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from sidecar.proxy import problems, websocket
+from sidecar.proxy.guards import host_allowed, origin_allowed, path_escapes, split_target
+from sidecar.proxy.headers import request_head, response_headers
+from sidecar.proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 
 LOCAL_PREFIX = "/_sidecar/"
 _REFUSED_METHODS = {
@@ -70,7 +70,7 @@ class Upstream:
             raise ConfigError(f"upstream: expected an http:// or https:// URL, got {url!r}")
         base = url.rstrip("/")
         origin = str(parsed.origin())
-        prefix = base[len(origin):] if base.startswith(origin) else parsed.raw_path.rstrip("/")
+        prefix = base[len(origin) :] if base.startswith(origin) else parsed.raw_path.rstrip("/")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         return cls(url, base, origin, parsed.scheme, parsed.host, port, prefix, prefix.encode())
 
@@ -142,7 +142,9 @@ class Proxy:
         except (ConfigError, ValueError, UnicodeError) as exc:
             # Never aiohttp's 500 with a traceback: its text may quote the request.
             log.error("request failed: %s", type(exc).__name__)
-            response = self._problem(outcome, problems.INTERNAL, "The sidecar could not handle this request; see its log.")
+            response = self._problem(
+                outcome, problems.INTERNAL, "The sidecar could not handle this request; see its log."
+            )
         except _ClientGone:
             outcome.status = outcome.status or 499
             outcome.error = "client-gone"
@@ -165,7 +167,7 @@ class Proxy:
             return not self.in_flight
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -179,11 +181,15 @@ class Proxy:
         assert target is not None  # _refusal checked it
         path, query = target
         if path.startswith(LOCAL_PREFIX):
-            response = await self._local(request, path[len(LOCAL_PREFIX):])
+            response = await self._local(request, path[len(LOCAL_PREFIX) :])
             outcome.status = response.status
             return response
         if path_escapes(path):
-            return self._problem(outcome, problems.BAD_TARGET, "The path has a dot-segment or an encoded one; it could leave the upstream's prefix.")
+            return self._problem(
+                outcome,
+                problems.BAD_TARGET,
+                "The path has a dot-segment or an encoded one; it could leave the upstream's prefix.",
+            )
         try:
             upstream = self._upstream()
         except ConfigError:
@@ -196,14 +202,25 @@ class Proxy:
         """A problem response for requests that must not go anywhere, else None."""
         headers = request.headers
         if request.method in _REFUSED_METHODS:
-            return problems.problem_response(problems.METHOD_NOT_ALLOWED, _REFUSED_METHODS[request.method], headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"})
+            return problems.problem_response(
+                problems.METHOD_NOT_ALLOWED,
+                _REFUSED_METHODS[request.method],
+                headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"},
+            )
         if target is None:
-            return problems.problem_response(problems.BAD_TARGET, "Only origin-form request targets (/path?query) are accepted.")
+            return problems.problem_response(
+                problems.BAD_TARGET, "Only origin-form request targets (/path?query) are accepted."
+            )
         host = headers.get("Host")
         if not host_allowed(host, self._allowed_hosts):
             return problems.problem_response(problems.HOST_NOT_ALLOWED, "The Host header is not one of allowed_hosts.")
-        if not origin_allowed(headers.get("Origin"), headers.get("Sec-Fetch-Site"), host, self._settings.allowed_origins):
-            return problems.problem_response(problems.ORIGIN_NOT_ALLOWED, "Cross-site browser requests are refused; add the origin to allowed_origins to allow it.")
+        if not origin_allowed(
+            headers.get("Origin"), headers.get("Sec-Fetch-Site"), host, self._settings.allowed_origins
+        ):
+            return problems.problem_response(
+                problems.ORIGIN_NOT_ALLOWED,
+                "Cross-site browser requests are refused; add the origin to allowed_origins to allow it.",
+            )
         return None
 
     # -- upstream -----------------------------------------------------------
@@ -222,7 +239,13 @@ class Proxy:
     def _pool(self, upstream: Upstream) -> UpstreamPool:
         pool = self._pools.get(upstream.origin)
         if pool is None:
-            pool = UpstreamPool(upstream.scheme, upstream.host, upstream.port, connect_timeout=self._settings.connect_timeout, read_timeout=self._settings.read_timeout)
+            pool = UpstreamPool(
+                upstream.scheme,
+                upstream.host,
+                upstream.port,
+                connect_timeout=self._settings.connect_timeout,
+                read_timeout=self._settings.read_timeout,
+            )
             self._pools[upstream.origin] = pool
         return pool
 
@@ -235,9 +258,14 @@ class Proxy:
         """Point a redirect inside the upstream at the sidecar instead."""
         base, prefix = upstream.base, upstream.prefix
         if location.startswith(base + "/") or location == base:
-            rest = location[len(base):] or "/"
-        elif location.startswith("/") and not location.startswith("//") and prefix and (location.startswith(prefix + "/") or location == prefix):
-            rest = location[len(prefix):] or "/"
+            rest = location[len(base) :] or "/"
+        elif (
+            location.startswith("/")
+            and not location.startswith("//")
+            and prefix
+            and (location.startswith(prefix + "/") or location == prefix)
+        ):
+            rest = location[len(prefix) :] or "/"
         else:
             return location
         return f"http://{request.headers.get('Host', '127.0.0.1')}{rest}"
@@ -250,7 +278,12 @@ class Proxy:
         except NotLoggedIn:
             return self._relogin(outcome)
         except RefreshTransient as exc:
-            return self._problem(outcome, problems.REFRESH_UNAVAILABLE, "No access token yet and the token endpoint is failing; retry later.", retry_after=exc.retry_after)
+            return self._problem(
+                outcome,
+                problems.REFRESH_UNAVAILABLE,
+                "No access token yet and the token endpoint is failing; retry later.",
+                retry_after=exc.retry_after,
+            )
         if manager.stats.ok != before:
             outcome.refreshed = True
         return token
@@ -262,9 +295,16 @@ class Proxy:
         except NotLoggedIn:
             return self._relogin(outcome)
         except RefreshTransient as exc:
-            return self._problem(outcome, problems.REFRESH_UNAVAILABLE, "The upstream rejected the token and refreshing it is failing; retry later.", retry_after=exc.retry_after)
+            return self._problem(
+                outcome,
+                problems.REFRESH_UNAVAILABLE,
+                "The upstream rejected the token and refreshing it is failing; retry later.",
+                retry_after=exc.retry_after,
+            )
 
-    async def _forward(self, request: web.BaseRequest, upstream: Upstream, target: str, outcome: Outcome) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.BaseRequest, upstream: Upstream, target: str, outcome: Outcome
+    ) -> web.StreamResponse:
         token = await self._token(outcome)
         if isinstance(token, web.Response):
             return token
@@ -275,14 +315,23 @@ class Proxy:
         target_bytes = upstream.prefix_bytes + target.encode("utf-8", "surrogateescape")
         head_only = request.method == "HEAD"
         while True:
-            head = request_head(request.method, target_bytes, pool.host_header, request.raw_headers, b"Bearer " + token.encode("latin-1"), chunked)
+            head = request_head(
+                request.method,
+                target_bytes,
+                pool.host_header,
+                request.raw_headers,
+                b"Bearer " + token.encode("latin-1"),
+                chunked,
+            )
             sent = time.perf_counter()
             try:
                 response = await pool.send(head, body, chunked=chunked, head_only=head_only)
             except UpstreamTimeout:
                 return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer in time.")
             except UpstreamUnreachable as exc:
-                return self._problem(outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached: {exc}.")
+                return self._problem(
+                    outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached: {exc}."
+                )
             outcome.upstream_status = response.status
             outcome.upstream_seconds = time.perf_counter() - sent
             if response.status != 401 or outcome.retried:
@@ -324,7 +373,15 @@ class Proxy:
             return prefix, True, True
         return _stream(prefix, request.content), True, False
 
-    async def _relay(self, request: web.BaseRequest, upstream_response: UpstreamResponse, upstream: Upstream, outcome: Outcome, *, not_replayable: bool) -> web.StreamResponse:
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream_response: UpstreamResponse,
+        upstream: Upstream,
+        outcome: Outcome,
+        *,
+        not_replayable: bool,
+    ) -> web.StreamResponse:
         """Send the upstream's response to the client, streaming its body."""
         try:
             headers = response_headers(upstream_response.headers)
@@ -339,11 +396,18 @@ class Proxy:
             timeout = self._settings.read_timeout or None
             if upstream_response.complete and "Content-Length" in headers:
                 # The whole answer is here: one write to the client.
-                response = _RelayedResponse(status=status, reason=reason, headers=headers, body=upstream_response.take_buffered())
+                response = _RelayedResponse(
+                    status=status, reason=reason, headers=headers, body=upstream_response.take_buffered()
+                )
                 upstream_response.release()
                 return response
             response = _RelayedStreamResponse(status=status, reason=reason, headers=headers)
-            if "Content-Length" not in headers and status not in _NO_CONTENT and request.method != "HEAD" and request.version >= aiohttp.HttpVersion11:
+            if (
+                "Content-Length" not in headers
+                and status not in _NO_CONTENT
+                and request.method != "HEAD"
+                and request.version >= aiohttp.HttpVersion11
+            ):
                 response.enable_chunked_encoding()
             try:
                 await response.prepare(request)
@@ -375,7 +439,9 @@ class Proxy:
             return token
         while True:
             try:
-                upstream = await websocket.connect(self._session, request, url, "Bearer " + token, self._settings.read_timeout)
+                upstream = await websocket.connect(
+                    self._session, request, url, "Bearer " + token, self._settings.read_timeout
+                )
             except aiohttp.WSServerHandshakeError as exc:
                 outcome.upstream_status = exc.status
                 if exc.status == 401 and not outcome.retried:
@@ -386,11 +452,20 @@ class Proxy:
                     outcome.retried = True
                     continue
                 status = exc.status if 400 <= exc.status <= 599 else 502
-                return self._problem(outcome, problems.UPSTREAM_REFUSED_UPGRADE, f"The upstream answered the WebSocket handshake with HTTP {exc.status}.", status=status)
-            except asyncio.TimeoutError:
-                return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer the WebSocket handshake in time.")
+                return self._problem(
+                    outcome,
+                    problems.UPSTREAM_REFUSED_UPGRADE,
+                    f"The upstream answered the WebSocket handshake with HTTP {exc.status}.",
+                    status=status,
+                )
+            except TimeoutError:
+                return self._problem(
+                    outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer the WebSocket handshake in time."
+                )
             except aiohttp.ClientError as exc:
-                return self._problem(outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached ({type(exc).__name__}).")
+                return self._problem(
+                    outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached ({type(exc).__name__})."
+                )
             break
         outcome.upstream_status = outcome.status = 101
         return await websocket.relay(request, upstream)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TextIO
 
 import orjson
@@ -25,14 +25,23 @@ class AccessLog:
         self.json = fmt == "json"
         self.enabled = enabled
 
-    def write(self, method: str, path: str, status: int, upstream_status: int | None, duration_ms: float, retried: bool, refreshed: bool) -> None:
+    def write(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        upstream_status: int | None,
+        duration_ms: float,
+        retried: bool,
+        refreshed: bool,
+    ) -> None:
         if not self.enabled:
             return
         now = time.time()
         if self.json:
             line = orjson.dumps(
                 {
-                    "ts": datetime.fromtimestamp(now, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                    "ts": datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                     "method": method,
                     "path": path,
                     "status": status,
@@ -45,7 +54,9 @@ class AccessLog:
         else:
             stamp = time.strftime("%H:%M:%S", time.localtime(now))
             flags = (" retried" if retried else "") + (" refreshed" if refreshed else "")
-            upstream = f" (upstream {upstream_status})" if upstream_status is not None and upstream_status != status else ""
+            upstream = (
+                f" (upstream {upstream_status})" if upstream_status is not None and upstream_status != status else ""
+            )
             line = f"{stamp} {method} {path} -> {status}{upstream} {duration_ms:.1f} ms{flags}"
         try:
             self._stream.write(line + "\n")

@@ -1,16 +1,16 @@
 """The token file: atomic writes, strict modes, the cross-process lock, re-reads.
 
-The file is JSON in the desktop app's camelCase shape (``accessToken``,
-``refreshToken``, ``apiUrl``, ``expiresAt``, ``obtainedAt``); fields sidecar
-does not know are kept on rewrite.  Every write goes to a temp file in the
-same directory, is fsynced and renamed over the old file, so a crash at any
-instant leaves the old pair or the new one.  This module decides nothing about
-expiry.
+``TokenFile`` is the file itself, with blocking calls: every write goes to a
+temp file in the same directory, is fsynced and renamed over the old file,
+so a crash at any instant leaves the old pair or the new one.  ``FileStore`` adapts it to the store interface, running the
+blocking calls off the event loop and polling the ``flock`` lock until its
+deadline.  This module decides nothing about expiry.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import contextlib
 import errno
 import fcntl
 import glob
@@ -18,13 +18,13 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import orjson
-
-from sidecar.errors import StoreError
-from sidecar.tokens import TokenPair, format_timestamp, parse_timestamp
+from sidecar.errors import StoreConflict, StoreError, StoreLockTimeout
+from sidecar.store.document import parse_store, serialize_store
+from sidecar.store.interface import StoreSnapshot, Version
+from sidecar.tokens import TokenPair
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -33,69 +33,17 @@ MAX_STORE_BYTES = 1024 * 1024
 # A temp file this old belongs to no live writer: writes take milliseconds,
 # and a refresh holding one open is bounded by the token endpoint timeouts.
 STALE_TEMP_SECONDS = 3600.0
-_KNOWN = ("accessToken", "refreshToken", "apiUrl", "expiresAt", "obtainedAt")
+# Polling the lock: quick at first (a refresh takes milliseconds), then at
+# most this often, so waiting costs no thread and can be cancelled.
+LOCK_POLL_FIRST = 0.005
+LOCK_POLL_MAX = 0.05
 
 # (inode, mtime_ns, size): every atomic replace changes the inode.
 Signature = tuple[int, int, int]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class StoreSnapshot:
-    """What one read of the store found.
-
-    ``pair`` is None when there is no usable pair; ``problem`` then says why
-    when the file exists but cannot be used (never quoting its content).
-    """
-
-    pair: TokenPair | None
-    problem: str | None
-    signature: Signature | None
-
-
 def _strerror(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
-
-
-def parse_store(data: bytes) -> TokenPair:
-    """The pair in a store file's bytes; ValueError with a reason if unusable."""
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise ValueError("not valid JSON") from None
-    if not isinstance(document, dict):
-        raise ValueError("not a JSON object")
-    refresh = document.get("refreshToken")
-    if not isinstance(refresh, str) or not refresh:
-        raise ValueError("refreshToken is missing or not a string")
-    access = document.get("accessToken")
-    if access is not None and not isinstance(access, str):
-        raise ValueError("accessToken is not a string")
-    api_url = document.get("apiUrl")
-    if api_url is not None and not isinstance(api_url, str):
-        raise ValueError("apiUrl is not a string")
-    return TokenPair(
-        access_token=access or None,
-        refresh_token=refresh,
-        api_url=api_url or None,
-        # An expiry that does not parse means "expired": the pair still refreshes.
-        expires_at=parse_timestamp(document.get("expiresAt")),
-        obtained_at=parse_timestamp(document.get("obtainedAt")),
-        extra={key: value for key, value in document.items() if key not in _KNOWN},
-    )
-
-
-def serialize_store(pair: TokenPair) -> bytes:
-    document: dict[str, Any] = dict(pair.extra)
-    if pair.access_token is not None:
-        document["accessToken"] = pair.access_token
-    document["refreshToken"] = pair.refresh_token
-    if pair.api_url is not None:
-        document["apiUrl"] = pair.api_url
-    if pair.expires_at is not None:
-        document["expiresAt"] = format_timestamp(pair.expires_at)
-    if pair.obtained_at is not None:
-        document["obtainedAt"] = format_timestamp(pair.obtained_at)
-    return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
 
 
 class PendingWrite:
@@ -129,7 +77,7 @@ class PendingWrite:
                 os.fchmod(fd, FILE_MODE)
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -166,15 +114,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-class TokenStore:
-    """The token file at ``path`` and its lock file ``<path>.lock``."""
+class TokenFile:
+    """The token file at ``path`` and its lock file ``<path>.lock`` (blocking calls)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
 
     def __repr__(self) -> str:
-        return f"TokenStore({str(self.path)!r})"
+        return f"TokenFile({str(self.path)!r})"
 
     def signature(self) -> Signature | None:
         """A cheap fingerprint of the file, or None when it does not exist."""
@@ -195,11 +143,11 @@ class TokenStore:
             return StoreSnapshot(None, f"token store {self.path} cannot be read: {_strerror(exc)}", None)
         try:
             info = os.fstat(fd)
-            signature = (info.st_ino, info.st_mtime_ns, info.st_size)
+            version = (info.st_ino, info.st_mtime_ns, info.st_size)
             if not stat.S_ISREG(info.st_mode):
-                return StoreSnapshot(None, f"token store {self.path} is not a regular file", signature)
+                return StoreSnapshot(None, f"token store {self.path} is not a regular file", version)
             if info.st_size > MAX_STORE_BYTES:
-                return StoreSnapshot(None, f"token store {self.path} is corrupt: too large", signature)
+                return StoreSnapshot(None, f"token store {self.path} is corrupt: too large", version)
             if stat.S_IMODE(info.st_mode) & 0o077:
                 # Tighten a store someone else created with loose modes.
                 try:
@@ -216,8 +164,8 @@ class TokenStore:
         try:
             pair = parse_store(data)
         except ValueError as exc:
-            return StoreSnapshot(None, f"token store {self.path} is corrupt: {exc}", signature)
-        return StoreSnapshot(pair, None, signature)
+            return StoreSnapshot(None, f"token store {self.path} is corrupt: {exc}", version)
+        return StoreSnapshot(pair, None, version)
 
     def ensure_directory(self) -> None:
         """Create missing parent directories with mode 0700; existing ones stay as they are."""
@@ -272,8 +220,8 @@ class TokenStore:
         _fsync_dir(self.path.parent)
         return True
 
-    def acquire_lock(self) -> int:
-        """Block until this process holds the exclusive lock; returns its descriptor."""
+    def open_lock_file(self) -> int:
+        """Open (creating it 0600 if needed) ``<path>.lock``; returns its descriptor."""
         self.ensure_directory()
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
@@ -284,6 +232,24 @@ class TokenStore:
                 os.fchmod(fd, FILE_MODE)
         except OSError:
             pass
+        return fd
+
+    def try_lock(self, fd: int) -> bool:
+        """Take the exclusive lock on ``fd`` if it is free; never blocks."""
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise StoreError(f"cannot lock {self.lock_path}: {_strerror(exc)}") from None
+
+    def acquire_lock(self) -> int:
+        """Block until this process holds the exclusive lock; returns its descriptor."""
+        fd = self.open_lock_file()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -300,3 +266,82 @@ class TokenStore:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+class _FileWrite:
+    """A prepared write to the file that commits only over the version it expects."""
+
+    def __init__(self, file: TokenFile, pending: PendingWrite, expected: Version | None) -> None:
+        self._file = file
+        self._pending = pending
+        self._expected = expected
+
+    def _commit(self, pair: TokenPair) -> Version:
+        if self._file.signature() != self._expected:
+            self._pending.abort()
+            raise StoreConflict(f"token store {self._file.path} changed since it was read")
+        self._pending.commit(pair)
+        signature = self._file.signature()
+        assert signature is not None  # just written
+        return signature
+
+    async def commit(self, pair: TokenPair) -> Version:
+        return await asyncio.to_thread(self._commit, pair)
+
+    async def abort(self) -> None:
+        await asyncio.to_thread(self._pending.abort)
+
+
+class FileStore:
+    """The store interface on a token file; blocking calls run in a worker thread."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.file = TokenFile(path)
+
+    def __repr__(self) -> str:
+        return f"FileStore({str(self.file.path)!r})"
+
+    @property
+    def description(self) -> str:
+        return str(self.file.path)
+
+    async def read(self) -> StoreSnapshot:
+        return await asyncio.to_thread(self.file.read)
+
+    async def changed_since(self, version: Version | None) -> bool:
+        return await asyncio.to_thread(self.file.signature) != version
+
+    async def begin_write(self, expected: Version | None) -> _FileWrite:
+        pending = await asyncio.to_thread(self.file.begin_write)
+        return _FileWrite(self.file, pending, expected)
+
+    async def clear(self) -> bool:
+        return await asyncio.to_thread(self.file.clear)
+
+    @contextlib.asynccontextmanager
+    async def refresh_lock(self, timeout: float) -> AsyncIterator[None]:
+        """Hold ``<path>.lock``, polling for it until ``timeout`` seconds have passed.
+
+        Polling instead of a blocking ``flock`` in a thread: a holder stopped
+        with Ctrl-Z must cost waiters a bounded wait, and a cancelled waiter
+        must not leave a thread that takes the lock later.
+        """
+        loop = asyncio.get_running_loop()
+        fd = await asyncio.to_thread(self.file.open_lock_file)
+        try:
+            deadline = loop.time() + timeout
+            pause = LOCK_POLL_FIRST
+            while not self.file.try_lock(fd):
+                if loop.time() >= deadline:
+                    raise StoreLockTimeout(
+                        f"the lock {self.file.lock_path} was held by another process for more than {timeout:g} s"
+                    )
+                await asyncio.sleep(pause)
+                pause = min(LOCK_POLL_MAX, pause * 2)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            yield
+        finally:
+            TokenFile.release_lock(fd)

@@ -1,0 +1,88 @@
+"""What a refresh is to the manager: the refresher seam, outcome counts, backoff.
+
+Pure values and decisions; the manager does the awaiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+from sidecar.errors import RefreshTransient
+from sidecar.tokens import TokenPair
+
+# Backoff after a transient failure: 1 s doubling to 60 s (SPEC §3), with
+# +-20 % jitter so that several sidecars sharing a cloud do not retry in step.
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+BACKOFF_JITTER = 0.2
+# A refreshed token counts as still valid for the background refresh only
+# while at least this much of it is left.
+STILL_VALID_MARGIN = 5.0
+# The shortest time between two refreshes when the grant carries no usable
+# expiry: such a token would otherwise be refreshed on every use.
+MIN_REFRESH_INTERVAL = 60.0
+# How long a refresh waits for the store's lock.  A holder needs at most the
+# refresh budget (30 s, auth/refresh.py) plus a write; one that holds it
+# longer is stalled (a process stopped with Ctrl-Z), and waiting on would
+# stall every request whose token has expired.
+LOCK_TIMEOUT = 35.0
+
+
+def backoff_delay(failures: int, jitter: float) -> float:
+    """Seconds to wait after ``failures`` consecutive transient failures.
+
+    ``jitter`` is a number in [0, 1) from the random source.
+    """
+    base = min(BACKOFF_MAX, BACKOFF_FIRST * 2.0 ** max(0, failures - 1))
+    return min(BACKOFF_MAX, base * (1 - BACKOFF_JITTER + 2 * BACKOFF_JITTER * jitter))
+
+
+@dataclasses.dataclass(slots=True)
+class RefreshStats:
+    """Counts and times for the status endpoint and metrics; no secrets."""
+
+    ok: int = 0
+    dead: int = 0
+    transient: int = 0
+    last_refresh_at: float | None = None
+    last_error: str | None = None
+
+
+class Refresher(Protocol):
+    """Exchanges a pair's refresh token for a new pair (one per flavor, in sidecar.auth).
+
+    Raises RefreshDead when the refresh token will never work again,
+    RefreshTransient when it may work later, ConfigError when the settings
+    cannot name a token endpoint.
+    """
+
+    async def refresh(self, pair: TokenPair, now: float) -> TokenPair: ...
+
+
+# Called with "ok", "dead" or "transient" after every refresh call that reached the network.
+Observer = Callable[[str], None]
+
+
+def token_of(pair: TokenPair) -> str:
+    """The pair's access token; a pair without one is a transient failure to report."""
+    if pair.access_token is None:
+        raise RefreshTransient("the stored pair has no access token")
+    return pair.access_token
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnsavedPair:
+    """A refreshed pair the store could not take, and the refresh token it replaced.
+
+    The store still holds that spent token, so what it holds must not win
+    over this pair; anything else it holds (a login, an import, a logout) does.
+    """
+
+    pair: TokenPair
+    spent_refresh_token: str
+
+    def superseded_by(self, stored: TokenPair | None) -> bool:
+        """True when the store's content is newer than this pair."""
+        return stored is None or stored.refresh_token != self.spent_refresh_token
