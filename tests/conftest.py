@@ -1,6 +1,8 @@
 """Shared fixtures and helpers: a fake clock, the mock cloud on loopback, a token store in tmp_path, sidecar subprocesses.
 
-Test modules import the plain helpers with ``from conftest import ...``.
+Test modules import the plain helpers with ``from conftest import ...``; helpers that
+belong to one family (raw HTTP, the scripted upstream, serve subprocesses) are in
+tests/helpers/.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers.scripted import Script, ScriptedUpstream, StartUpstream
 
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
@@ -380,3 +383,19 @@ def login(store_path: Path, cloud: MockCloud, clock: FakeClock) -> TokenPair:
 async def proxy(login: TokenPair, make_proxy: ProxyFactory) -> RunningProxy:
     """A proxy in front of the mock cloud, logged in."""
     return await make_proxy()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[StartUpstream]:
+    """Start scripted raw upstreams (tests/helpers/scripted.py); all are stopped (handlers cancelled) at teardown."""
+    started: list[ScriptedUpstream] = []
+
+    async def start(script: Script) -> ScriptedUpstream:
+        server = ScriptedUpstream(script)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()

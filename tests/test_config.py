@@ -200,7 +200,7 @@ def test_quoted_scalar_in_toml_is_a_wrong_type(tmp_path: Path, line: str, key: s
 
 def test_wrong_env_type_is_an_error_naming_the_variable() -> None:
     """A malformed SIDECAR_* value raises ConfigError naming the variable."""
-    with pytest.raises(ConfigError, match="^SIDECAR_LEEWAY: "):
+    with pytest.raises(ConfigError, match=r"^SIDECAR_LEEWAY: "):
         load_settings({}, {"SIDECAR_LEEWAY": "soon"}, None)
 
 
@@ -228,7 +228,7 @@ def test_env_false_values_disable_a_bool_set_in_toml(tmp_path: Path, text: str) 
 
 def test_env_bool_rejects_other_words() -> None:
     """A boolean variable that is neither true nor false is an error naming the variable."""
-    with pytest.raises(ConfigError, match="^SIDECAR_ALLOW_REMOTE: "):
+    with pytest.raises(ConfigError, match=r"^SIDECAR_ALLOW_REMOTE: "):
         load_settings({}, {"SIDECAR_ALLOW_REMOTE": "maybe"}, None)
 
 
@@ -247,7 +247,7 @@ def test_toml_allowed_hosts_is_a_list(tmp_path: Path) -> None:
 @pytest.mark.parametrize("status", ["399", "600", "200"])
 def test_relogin_status_out_of_range_is_an_error(status: str) -> None:
     """relogin_status outside 400-599 raises ConfigError naming the variable."""
-    with pytest.raises(ConfigError, match="^SIDECAR_RELOGIN_STATUS: expected an HTTP error status"):
+    with pytest.raises(ConfigError, match=r"^SIDECAR_RELOGIN_STATUS: expected an HTTP error status"):
         load_settings({}, {"SIDECAR_RELOGIN_STATUS": status}, None)
 
 
@@ -258,13 +258,13 @@ def test_relogin_status_in_range_is_accepted() -> None:
 
 def test_flavor_must_be_relay_or_oauth2() -> None:
     """A flavor other than relay or oauth2 raises ConfigError naming the variable."""
-    with pytest.raises(ConfigError, match="^SIDECAR_FLAVOR: expected one of relay, oauth2"):
+    with pytest.raises(ConfigError, match=r"^SIDECAR_FLAVOR: expected one of relay, oauth2"):
         load_settings({}, {"SIDECAR_FLAVOR": "saml"}, None)
 
 
 def test_oauth2_without_token_url_is_an_error() -> None:
     """The oauth2 flavor needs token_url, and the error names it."""
-    with pytest.raises(ConfigError, match="^token_url: required when flavor is oauth2"):
+    with pytest.raises(ConfigError, match=r"^token_url: required when flavor is oauth2"):
         load_settings({}, {"SIDECAR_FLAVOR": "oauth2"}, None)
 
 

@@ -3,7 +3,7 @@
 Each test here failed on the code before those fixes.  Expiry and backoff are
 driven by the fake clock shared by the manager, the proxy and the mock cloud;
 nothing sleeps waiting for a token to expire.  Where the bytes on the wire
-matter, a scripted raw upstream (test_upstream.py's ``Upstream``) records them.
+matter, a scripted raw upstream (tests/helpers/scripted.py) records them.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from conftest import (
     seed_store,
     stored,
 )
-from test_proxy import assert_problem, authority, fetch, raw_get, raw_request, wait_for_log_lines
-from test_serve import running_serve
-from test_upstream import OK, Conn, Script, StartUpstream, answer_each, upstream  # noqa: F401 - upstream is the scripted-server fixture
+from helpers.proxying import assert_problem, authority, fetch, raw_get, wait_for_log_lines
+from helpers.scripted import OK, Conn, StartUpstream, answer_each
+from helpers.serving import running_serve
+from helpers.wire import raw_request
 
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings

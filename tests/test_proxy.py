@@ -6,147 +6,38 @@ socket where the exact bytes on the wire matter.  Expiry is driven by the
 fake clock the proxy and the cloud share, never by sleeping.
 
 Forwarding (paths, headers, framing, streams) is in test_proxy_forwarding.py;
-local endpoints, metrics and the access log in test_proxy_local.py.  Both
-import the helpers below; the ``client``, ``login`` and ``proxy`` fixtures
-are in conftest.py.
+local endpoints, metrics and the access log in test_proxy_local.py.  The
+helpers are in tests/helpers/proxying.py; the ``client``, ``login`` and
+``proxy`` fixtures are in conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store
-from multidict import CIMultiDict
-from yarl import URL
+from helpers.proxying import (
+    PAST_EXPIRY,
+    assert_problem,
+    authority,
+    fetch,
+    raw_get,
+    stored_tokens,
+    wait_for_log_lines,
+)
+from helpers.wire import Reply, raw_request
 
 from sidecar.mockcloud import MockCloud
 from sidecar.store.file import TokenFile
 from sidecar.tokens import TokenPair
-
-# The mock cloud's access tokens live a day; one second more is past expiry.
-PAST_EXPIRY = 86400.0 + 1.0
-
-
-# -- helpers shared by the test_proxy_*.py files ----------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reply:
-    """One response as the client received it."""
-
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def fetch(client: aiohttp.ClientSession, method: str, url: str | URL, **options: Any) -> Reply:
-    """One request through ``client``, redirects not followed, body read whole."""
-    async with client.request(method, url, allow_redirects=False, **options) as response:
-        return Reply(response.status, CIMultiDict(response.headers), await response.read())
-
-
-def authority(url: str) -> str:
-    """``host:port`` of an ``http://host:port[/prefix]`` URL."""
-    parsed = URL(url)
-    return f"{parsed.host}:{parsed.port}"
-
-
-async def raw_request(url: str, head: str, body: bytes = b"") -> Reply:
-    """Send ``head`` (request line and header lines, no final blank line) and ``body`` verbatim; read one response.
-
-    A blank line is appended to ``head``; the caller frames ``body`` itself.
-    """
-    parsed = URL(url)
-    reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
-    try:
-        writer.write(head.encode("latin-1") + b"\r\n\r\n" + body)
-        await writer.drain()
-        return await asyncio.wait_for(_read_response(reader), 10)
-    finally:
-        writer.close()
-
-
-async def _read_response(reader: asyncio.StreamReader) -> Reply:
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        if status >= 200:
-            break  # 1xx interim responses are skipped
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers.add(name.strip(), value.strip())
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
-        parts = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            parts.append(await reader.readexactly(size + 2))
-            if size == 0:
-                break
-        body = b"".join(part[:-2] for part in parts)
-    elif "Content-Length" in headers:
-        body = await reader.readexactly(int(headers["Content-Length"]))
-    elif status in (204, 304):
-        body = b""
-    else:
-        body = await reader.read()
-    return Reply(status, headers, body)
-
-
-def raw_get(proxy: RunningProxy, target: str, *extra_headers: str) -> str:
-    """The head of a raw GET of ``target`` with the proxy's own Host and ``Connection: close``."""
-    return "\r\n".join([f"GET {target} HTTP/1.1", f"Host: {authority(proxy.url)}", "Connection: close", *extra_headers])
-
-
-def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    """Check the shape every response sidecar makes itself has (SPEC §4); return the body."""
-    assert reply.status == status
-    assert reply.headers.get("X-Sidecar-Error") == code
-    assert reply.headers.get("Content-Type") == "application/problem+json"
-    assert reply.headers.get("Cache-Control") == "no-store"
-    document = reply.json()
-    assert isinstance(document["type"], str) and document["type"]
-    assert isinstance(document["title"], str) and document["title"]
-    assert document["status"] == status
-    assert isinstance(document["detail"], str) and document["detail"]
-    return document
-
-
-def stored_tokens(store_path: Path) -> set[str]:
-    """Both token values in the store file right now."""
-    document = json.loads(store_path.read_text())
-    return {document["accessToken"], document["refreshToken"]}
-
-
-def log_lines(proxy: RunningProxy) -> list[dict[str, Any]]:
-    """The access log so far, one parsed JSON object per line."""
-    return [json.loads(line) for line in proxy.log.getvalue().splitlines() if line]
-
-
-async def wait_for_log_lines(proxy: RunningProxy, count: int) -> list[dict[str, Any]]:
-    """The access log once it has ``count`` lines: the line is written as the handler returns."""
-    for _ in range(200):
-        lines = log_lines(proxy)
-        if len(lines) >= count:
-            return lines
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"expected {count} access-log lines, got {log_lines(proxy)}")
-
 
 # -- the problem responses of SPEC §4 ---------------------------------------
 

@@ -18,8 +18,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store, serving
+from helpers.proxying import authority, fetch, raw_get
+from helpers.wire import raw_request
 from multidict import CIMultiDict
-from test_proxy import authority, fetch, raw_get, raw_request
 
 from sidecar.mockcloud import MockCloud
 from sidecar.tokens import TokenPair

@@ -7,8 +7,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import ACCESS_LOG_KEYS, FakeClock, ProxyFactory, RunningProxy
+from helpers.proxying import PAST_EXPIRY, assert_problem, fetch, raw_get, stored_tokens, wait_for_log_lines
+from helpers.wire import raw_request
 from prometheus_client.parser import text_string_to_metric_families
-from test_proxy import PAST_EXPIRY, assert_problem, fetch, raw_get, raw_request, stored_tokens, wait_for_log_lines
 
 from sidecar.mockcloud import MockCloud
 from sidecar.tokens import TokenPair, format_timestamp, parse_timestamp

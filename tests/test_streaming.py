@@ -20,7 +20,7 @@ from typing import Self
 import aiohttp
 import pytest
 from conftest import seed_store
-from test_serve import ECHO, Served, running_serve
+from helpers.serving import ECHO, Served, running_serve
 
 from sidecar.mockcloud import MockCloud
 

@@ -1,9 +1,9 @@
 """The lean upstream client (sidecar/upstream.py), directly and through a real proxy.
 
-Every upstream here is a scripted raw server on 127.0.0.1: its handler reads
-the request bytes off the socket and writes exactly the bytes a test wants,
-so framing, keep-alive, closing and stalls are under the test's control and
-the assertions can be on the bytes that crossed the wire.  Pool tests drive
+Every upstream here is a scripted raw server on 127.0.0.1 (tests/helpers/scripted.py):
+its handler reads the request bytes off the socket and writes exactly the bytes
+a test wants, so framing, keep-alive, closing and stalls are under the test's
+control and the assertions can be on the bytes that crossed the wire.  Pool tests drive
 UpstreamPool.send/read/read_all/release themselves; proxy tests start a
 sidecar (make_proxy) with a seeded login and point its upstream at the script.
 """
@@ -12,154 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import pytest
 from conftest import ProxyFactory, RunningProxy
-from multidict import CIMultiDict
+from helpers.scripted import (
+    GET,
+    GUARD,
+    MIB,
+    OK,
+    Conn,
+    Script,
+    ScriptedUpstream,
+    StartUpstream,
+    answer_each,
+    answer_in_turn,
+    answer_once,
+    within,
+)
+from helpers.wire import exchange
 
 from sidecar.proxy.upstream import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from sidecar.tokens import TokenPair
 
-T = TypeVar("T")
-
-# A deadline for anything that must not hang; far above every expected wait.
-GUARD = 3.0
 # The short read timeout the timeout tests configure.
 SHORT = 0.3
-GET = b"GET /n HTTP/1.1\r\nHost: up\r\n\r\n"
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-MIB = 1024 * 1024
-
-
-async def within(awaitable: Awaitable[T], seconds: float = GUARD) -> T:
-    """``awaitable``, or TimeoutError after ``seconds``: a hang fails the test instead of stalling the suite."""
-    return await asyncio.wait_for(awaitable, seconds)
-
-
-# -- the scripted upstream -------------------------------------------------------
-
-
-class Conn:
-    """One accepted upstream connection as the script sees it."""
-
-    def __init__(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.index = index
-        self.reader = reader
-        self.writer = writer
-        self.requests: list[bytes] = []
-        self.heads: list[bytes] = []
-        self.bodies: list[bytes] = []
-        self.eof = asyncio.Event()
-
-    async def request(self) -> bytes:
-        """Read one whole request (head, then the body as framed on the wire); record and return the raw bytes."""
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        fields = {
-            name.strip().lower(): value.strip()
-            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
-        }
-        body = b""
-        if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-            parts = []
-            while True:
-                size_line = await self.reader.readuntil(b"\r\n")
-                parts.append(size_line)
-                size = int(size_line.split(b";")[0], 16)
-                if size == 0:
-                    while True:  # trailer section, up to the blank line
-                        line = await self.reader.readuntil(b"\r\n")
-                        parts.append(line)
-                        if line == b"\r\n":
-                            break
-                    break
-                parts.append(await self.reader.readexactly(size + 2))
-            body = b"".join(parts)
-        elif b"content-length" in fields:
-            body = await self.reader.readexactly(int(fields[b"content-length"]))
-        self.requests.append(head + body)
-        self.heads.append(head)
-        self.bodies.append(body)
-        return head + body
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def until_eof(self) -> None:
-        """Read and discard until the peer closes; then set ``eof``."""
-        try:
-            while await self.reader.read(65536):
-                pass
-        except ConnectionError:
-            pass
-        self.eof.set()
-
-
-Script = Callable[[Conn], Awaitable[None]]
-
-
-class Upstream:
-    """A raw HTTP server on 127.0.0.1 that runs ``script`` on every accepted connection."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.conns: list[Conn] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Conn(len(self.conns), reader, writer)
-        self.conns.append(conn)
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self.script(conn)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-
-StartUpstream = Callable[[Script], Awaitable[Upstream]]
 PoolFactory = Callable[..., UpstreamPool]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[StartUpstream]:
-    """Start scripted upstreams; all are stopped (handlers cancelled) at teardown."""
-    started: list[Upstream] = []
-
-    async def start(script: Script) -> Upstream:
-        server = Upstream(script)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.stop()
 
 
 @pytest.fixture
@@ -167,7 +47,7 @@ async def pool_for() -> AsyncIterator[PoolFactory]:
     """UpstreamPools on a scripted upstream's port; closed at teardown."""
     pools: list[UpstreamPool] = []
 
-    def make(server: Upstream, read_timeout: float = 2.0) -> UpstreamPool:
+    def make(server: ScriptedUpstream, read_timeout: float = 2.0) -> UpstreamPool:
         pool = UpstreamPool("http", "127.0.0.1", server.port, connect_timeout=2.0, read_timeout=read_timeout)
         pools.append(pool)
         return pool
@@ -182,50 +62,6 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     """Unlike conftest's ``client``, one with aiohttp's default connection limit."""
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
-
-
-def answer_each(response: bytes) -> Script:
-    """A script that answers every request on the connection with ``response``."""
-
-    async def script(conn: Conn) -> None:
-        while True:
-            await conn.request()
-            await conn.send(response)
-
-    return script
-
-
-def answer_in_turn(*responses: bytes) -> Script:
-    """A script that answers the requests it reads with ``responses``, one each, in order."""
-    remaining = iter(responses)
-
-    async def script(conn: Conn) -> None:
-        while True:
-            await conn.request()
-            await conn.send(next(remaining))
-
-    return script
-
-
-def answer_once(*pieces: bytes, then: Literal["request", "eof", "close"], pause: float = 0.02) -> Script:
-    """A script that reads one request and writes ``pieces``, ``pause`` seconds apart.
-
-    Then it reads the next request (``"request"``), reads until the client
-    closes (``"eof"``), or closes the connection at once (``"close"``).
-    """
-
-    async def script(conn: Conn) -> None:
-        await conn.request()
-        for index, piece in enumerate(pieces):
-            if index:
-                await asyncio.sleep(pause)
-            await conn.send(piece)
-        if then == "request":
-            await conn.request()
-        elif then == "eof":
-            await conn.until_eof()
-
-    return script
 
 
 async def send(
@@ -247,29 +83,7 @@ async def get(pool: UpstreamPool, head: bytes = GET, *, head_only: bool = False)
 async def raw_exchange(proxy: RunningProxy, request: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
     """Send ``request`` verbatim to the proxy; return (status line, raw header pairs in order, body) of one response."""
     port = int(proxy.url.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        head = await within(reader.readuntil(b"\r\n\r\n"))
-        lines = head.decode("latin-1").split("\r\n")
-        headers = [(name, value.strip()) for name, _, value in (line.partition(":") for line in lines[1:] if line)]
-        fields = CIMultiDict(headers)
-        if "chunked" in fields.get("Transfer-Encoding", ""):
-            parts = []
-            while True:
-                size = int((await within(reader.readuntil(b"\r\n"))).split(b";")[0], 16)
-                parts.append((await within(reader.readexactly(size + 2)))[:-2])
-                if size == 0:
-                    break
-            body = b"".join(parts)
-        elif "Content-Length" in fields:
-            body = await within(reader.readexactly(int(fields["Content-Length"])))
-        else:
-            body = await within(reader.read())
-        return lines[0], headers, body
-    finally:
-        writer.close()
+    return await within(exchange("127.0.0.1", port, request))
 
 
 def proxy_host(proxy: RunningProxy) -> bytes:
@@ -860,7 +674,7 @@ CLIENT_HEADERS = [
 ]
 
 
-async def upstream_head(proxy: RunningProxy, server: Upstream, target: bytes = b"/x") -> bytes:
+async def upstream_head(proxy: RunningProxy, server: ScriptedUpstream, target: bytes = b"/x") -> bytes:
     """The head the upstream received for a raw GET of ``target`` carrying CLIENT_HEADERS and the proxy's Host."""
     request = (
         b"GET "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 from conftest import run_sidecar, seed_expired
-from test_serve import Served, running_serve, status_of
+from helpers.serving import Served, running_serve, status_of
 
 from sidecar.mockcloud import MockCloud
 

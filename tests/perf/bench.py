@@ -827,7 +827,7 @@ class Bench:
     def run_cases(self) -> None:
         cases: dict[str, Any] = {}
         for key, path, conns, title in CASES:
-            for name, (server, _) in self.targets.items():  # warm-up, not reported
+            for server, _ in self.targets.values():  # warm-up, not reported
                 self.wrk.run(server.port, path, conns, self.warmup)
             runs: dict[str, list[dict[str, Any]]] = {t: [] for t in TARGETS}
             for _ in range(self.runs):  # interleaved, so drift hits every target alike
