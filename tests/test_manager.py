@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
-from conftest import FakeClock, ManagerFactory, pair_from_cloud, seed_store
+from conftest import (
+    FakeClock,
+    ManagerFactory,
+    pair_from_cloud,
+    seed_expired,
+    seed_store,
+    stored,
+)
 
-from sidecar.errors import NotLoggedIn, RefreshDead, RefreshTransient
+from sidecar.auth.refresh import make_refresher
+from sidecar.config import Settings
+from sidecar.errors import NotLoggedIn, RefreshDead, RefreshTransient, StoreError
+from sidecar.manager import TokenManager
 from sidecar.mockcloud import MockCloud
-from sidecar.refreshing import BACKOFF_MAX, backoff_delay
-from sidecar.store.file import TokenFile
+from sidecar.refreshing import BACKOFF_MAX, MIN_REFRESH_INTERVAL, Refresher, backoff_delay
+from sidecar.store.file import FileStore, TokenFile
 from sidecar.tokens import TokenPair
 
 
@@ -348,3 +360,181 @@ async def test_proactive_loop_refreshes_at_expiry_minus_leeway(
         task.cancel()
     assert cloud.refresh_ok == 1
     assert refreshed_at[0] - start == pytest.approx(86400 - 120, abs=1.5)
+
+
+# -- grants without expiry, unsaved pairs, refresher errors ----------------------
+
+
+# Inside the default 120 s leeway of a mock-cloud token (it lives a day), still valid.
+INTO_LEEWAY = 86400.0 - 60.0
+
+
+class NoExpiryEndpoint:
+    """A token endpoint that grants a new pair without any expiry, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
+        self.calls += 1
+        return TokenPair(
+            access_token=f"at_noexpiry_{self.calls}",
+            refresh_token=f"rt_noexpiry_{self.calls}",
+            api_url=pair.api_url,
+            expires_at=None,
+            obtained_at=now,
+        )
+
+
+class EnoughSleeps(Exception):
+    """Ends a proactive loop after the sleeps a test wanted to see."""
+
+
+class LoopSpinning(BaseException):
+    """Stops a proactive loop that keeps refreshing without sleeping (a BaseException: the loop catches Exception)."""
+
+
+class CountingRefresher:
+    """Passes refreshes to ``inner``, counting the attempts; raises LoopSpinning past ``guard`` of them."""
+
+    def __init__(self, inner: Refresher, guard: int = 5) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.calls = 0
+
+    async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
+        self.calls += 1
+        if self.calls > self.guard:
+            raise LoopSpinning()
+        return await self.inner.refresh(pair, now)
+
+
+class _FailingWrite:
+    """A prepared write whose commit fails as on a full disk."""
+
+    async def commit(self, pair: TokenPair) -> object:
+        raise StoreError("cannot write token store: No space left on device")
+
+    async def abort(self) -> None:
+        pass
+
+
+class StoreFailingOneCommit(FileStore):
+    """A file store whose first refresh commit fails, as on a full disk; later writes work."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failures_left = 1
+
+    async def begin_write(self, expected: object) -> Any:
+        if self.failures_left:
+            self.failures_left -= 1
+            return _FailingWrite()
+        return await super().begin_write(expected)
+
+
+def seed_without_api_url(store_path: Path, clock: FakeClock) -> TokenPair:
+    """A store holding an expired pair without apiUrl (so with no upstream configured the refresher has no URL)."""
+    pair = TokenPair(
+        access_token="at_local_stale",
+        refresh_token="rt_local_unknown",
+        api_url=None,
+        expires_at=clock() - 10,
+        obtained_at=clock() - 100,
+    )
+    TokenFile(store_path).write(pair)
+    return pair
+
+
+async def test_grant_without_expiry_is_not_refreshed_on_every_use(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """After a grant with no expiry, 20 uses make one refresh call and the next refresh waits the minimum interval."""
+    seed_expired(store_path, cloud)
+    endpoint = NoExpiryEndpoint()
+    manager = await make_manager(refresher=endpoint)
+    tokens = [await manager.access_token() for _ in range(20)]
+    assert endpoint.calls == 1
+    assert set(tokens) == {"at_noexpiry_1"}
+    next_refresh = manager.next_refresh_at()
+    assert next_refresh is not None and next_refresh >= clock() + MIN_REFRESH_INTERVAL
+
+
+async def test_unsaved_refreshed_pair_is_not_overridden_by_the_spent_one(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, monotonic: FakeClock
+) -> None:
+    """When the rotated pair could not be saved, the next refresh spends its refresh token, not the spent one still on disk, and saves the newest pair."""
+    first = seed_store(store_path, cloud, obtained_at=clock())
+    async with aiohttp.ClientSession() as session:
+        settings = Settings(upstream=cloud.base_url, store=str(store_path), read_timeout=5.0)
+        manager = TokenManager(
+            StoreFailingOneCommit(store_path),
+            make_refresher(session, settings),
+            clock=clock,
+            monotonic=monotonic,
+            random=lambda: 0.5,
+        )
+        clock.advance(INTO_LEEWAY)
+        unsaved = await manager.access_token()
+        assert unsaved != first.access_token
+        assert stored(store_path).refresh_token == first.refresh_token  # the file still holds the spent pair
+        clock.advance(INTO_LEEWAY)
+        newest = await manager.access_token()
+    assert cloud.chain_revocations == 0
+    assert cloud.refresh_calls == 2
+    assert newest not in (first.access_token, unsaved)
+    assert cloud.access_token_valid(newest)
+    assert stored(store_path).access_token == newest
+
+
+async def test_oauth2_wrong_client_secret_is_transient_not_dead(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """An oauth2 token endpoint refusing the client (401 invalid_client) keeps the store and the stale token, counting a transient failure."""
+    old = seed_store(store_path, cloud)
+    cloud.oauth_client = ("cli", "right")
+    manager = await make_manager(
+        flavor="oauth2", token_url=cloud.base_url + "/oauth/token", client_id="cli", client_secret="typo"
+    )
+    clock.advance(INTO_LEEWAY)
+    assert await manager.access_token() == old.access_token
+    assert cloud.refresh_calls == 1
+    assert stored(store_path).refresh_token == old.refresh_token
+    assert (manager.stats.transient, manager.stats.dead) == (1, 0)
+
+
+async def test_refresher_config_error_is_transient_with_backoff(
+    store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """With no upstream anywhere the refresh fails as transient: the stale token is handed out and a second use makes no second attempt."""
+    stale = seed_without_api_url(store_path, clock)
+    async with aiohttp.ClientSession() as session:
+        refresher = CountingRefresher(make_refresher(session, Settings(store=str(store_path))))
+        manager = await make_manager(refresher=refresher)
+        assert [await manager.access_token(), await manager.access_token()] == [stale.access_token] * 2
+    assert refresher.calls == 1
+    assert manager.stats.transient == 1
+
+
+async def test_proactive_loop_backs_off_after_a_refresher_config_error(
+    store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """The proactive loop sleeps through the backoff after a configuration error instead of retrying at once."""
+    seed_without_api_url(store_path, clock)
+    sleeps = 0
+
+    async def sleep(seconds: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        clock.advance(0.01)  # 20 sleeps stay well inside the first backoff (1 s)
+        if sleeps >= 20:
+            raise EnoughSleeps()
+        await asyncio.sleep(0)
+
+    async with aiohttp.ClientSession() as session:
+        refresher = CountingRefresher(make_refresher(session, Settings(store=str(store_path))))
+        manager = await make_manager(refresher=refresher, sleep=sleep)
+        with pytest.raises(EnoughSleeps):
+            await asyncio.wait_for(manager.run_proactive(), 5)
+    assert refresher.calls == 1
+    assert sleeps == 20

@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store
+from conftest import (
+    FakeClock,
+    ProxyFactory,
+    RunningProxy,
+    poll_until,
+    seed_store,
+    stored,
+)
 from helpers.proxying import (
     PAST_EXPIRY,
     assert_problem,
@@ -35,7 +44,9 @@ from helpers.proxying import (
 )
 from helpers.wire import Reply, raw_request
 
+from sidecar.config import Settings
 from sidecar.mockcloud import MockCloud
+from sidecar.server.app import running_sidecar
 from sidecar.store.file import TokenFile
 from sidecar.tokens import TokenPair
 
@@ -468,3 +479,89 @@ async def test_client_secrets_are_never_logged(
     await wait_for_log_lines(proxy, 1)
     logged = proxy.log.getvalue() + caplog.text
     assert [secret for secret in secrets.values() if secret in logged] == []
+
+
+# -- refresh beside traffic, large replays, shutdown, path and method refusals ---
+
+
+MIB = 1024 * 1024
+# Inside the default 120 s leeway of a mock-cloud token (it lives a day), still valid.
+INTO_LEEWAY = 86400.0 - 60.0
+
+
+async def test_shutdown_waits_for_a_refresh_in_flight_to_save_its_pair(
+    login: TokenPair, cloud: MockCloud, store_path: Path, clock: FakeClock
+) -> None:
+    """Leaving the running sidecar while a refresh is in flight lets it finish and write the rotated pair to the store."""
+    settings = Settings(upstream=cloud.base_url, store=str(store_path), read_timeout=5.0, log_format="json")
+    cloud.hang_next_refreshes(1, seconds=0.3)
+    async with running_sidecar(settings, log_stream=io.StringIO(), clock=clock, proactive=False) as sidecar:
+        refresh = asyncio.ensure_future(sidecar.manager.force_refresh())
+        await poll_until(lambda: cloud.refresh_calls == 1, 2, "the refresh reaching the token endpoint")
+    assert refresh.done()
+    token = await refresh
+    rotated = stored(store_path)
+    assert rotated.refresh_token != login.refresh_token
+    assert rotated.access_token == token
+    assert cloud.access_token_valid(token)
+
+
+async def test_due_but_valid_token_is_used_while_the_refresh_runs(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
+    """A request with the token inside the leeway but still valid is answered at once with that token while the refresh runs beside it."""
+    proxy = await make_proxy()
+    clock.advance(INTO_LEEWAY)
+    cloud.hang_next_refreshes(1, seconds=1.5)
+    started = time.monotonic()
+    reply = await fetch(client, "GET", proxy.url + "/api/v1/echo")
+    elapsed = time.monotonic() - started
+    assert reply.status == 200
+    assert reply.json()["authorization"] == f"Bearer {login.access_token}"
+    assert elapsed < 0.5
+    await poll_until(lambda: cloud.refresh_calls == 1, 1, "the background refresh reaching the token endpoint")
+
+
+async def test_body_over_1_mib_within_replay_limit_is_forwarded(
+    login: TokenPair, make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    """With replay_limit 4 MiB, a 2 MiB POST reaches the upstream whole instead of hitting aiohttp's 1 MiB limit."""
+    proxy = await make_proxy(replay_limit=4 * MIB)
+    body = os.urandom(2 * MIB)
+    reply = await fetch(client, "POST", proxy.url + "/api/v1/echo", data=body)
+    assert reply.status == 200
+    assert reply.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_body_over_1_mib_within_replay_limit_is_replayed_after_a_401(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
+    """With replay_limit 4 MiB, a 2 MiB POST rejected with 401 is replayed after the refresh and succeeds."""
+    proxy = await make_proxy(replay_limit=4 * MIB)
+    body = os.urandom(2 * MIB)
+    cloud.revoke_access_tokens()
+    reply = await fetch(client, "POST", proxy.url + "/api/v1/echo", data=body)
+    assert reply.status == 200
+    assert reply.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert cloud.refresh_calls == 1
+    (line,) = await wait_for_log_lines(proxy, 1)
+    assert line["retried"] is True
+
+
+@pytest.mark.parametrize("target", ["/api/..;/x", "/api/%2e%2e;jsessionid=1/x"])
+async def test_dot_dot_segment_with_path_parameter_gets_bad_target(
+    proxy: RunningProxy, cloud: MockCloud, target: str
+) -> None:
+    """A ".." segment carrying a ;path-parameter (plain or encoded) gets 400 bad-target and is not forwarded."""
+    reply = await raw_request(proxy.url, raw_get(proxy, target))
+    assert_problem(reply, 400, "bad-target")
+    assert cloud.requests_seen == 0
+
+
+async def test_trace_gets_method_not_allowed(proxy: RunningProxy, cloud: MockCloud) -> None:
+    """TRACE gets 405 (a bad-target problem) and is not forwarded, so no echo can carry the injected token back."""
+    reply = await raw_request(
+        proxy.url, f"TRACE /api/v1/echo HTTP/1.1\r\nHost: {authority(proxy.url)}\r\nConnection: close"
+    )
+    assert_problem(reply, 405, "bad-target")
+    assert cloud.requests_seen == 0

@@ -17,9 +17,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import FakeClock, ProxyFactory, RunningProxy, seed_store, serving
-from helpers.proxying import authority, fetch, raw_get
-from helpers.wire import raw_request
+from conftest import (
+    FakeClock,
+    ProxyFactory,
+    RunningProxy,
+    seed_store,
+    serving,
+)
+from helpers.proxying import assert_problem, authority, fetch, raw_get
+from helpers.scripted import OK, Conn, StartUpstream, answer_each
+from helpers.wire import raw_request, read_head
 from multidict import CIMultiDict
 
 from sidecar.mockcloud import MockCloud
@@ -467,3 +474,75 @@ async def test_client_hang_up_stops_the_upstream_download(
         assert (await fetch(client, "GET", p.url + "/api/v1/echo")).status == 200
     finally:
         await watched.stop()
+
+
+# -- request framing, WebSocket handshakes, relayed headers ----------------------
+
+
+# A WebSocket handshake, minus the Host line.
+WS_HANDSHAKE = [
+    "GET /api/v1/ws HTTP/1.1",
+    "Upgrade: websocket",
+    "Connection: Upgrade",
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version: 13",
+]
+
+
+async def test_connection_naming_content_length_keeps_the_body_framed(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
+    """A body framed by a Content-Length that the Connection header names reaches the upstream framed, and the next request on that connection arrives intact."""
+    server = await upstream(answer_each(OK))
+    proxy = await make_proxy(upstream=server.url)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: up\r\n\r\n"
+    head = "\r\n".join(
+        [
+            "POST /first HTTP/1.1",
+            f"Host: {authority(proxy.url)}",
+            "Connection: Content-Length",
+            f"Content-Length: {len(smuggled)}",
+        ]
+    )
+    first = await raw_request(proxy.url, head, smuggled)
+    second = await fetch(client, "GET", proxy.url + "/second")
+    conn: Conn = server.conns[0]
+    assert b"\r\nContent-Length: %d\r\n" % len(smuggled) in conn.heads[0]
+    assert conn.bodies[0] == smuggled
+    assert [head.split(b"\r\n", 1)[0] for head in conn.heads] == [b"POST /first HTTP/1.1", b"GET /second HTTP/1.1"]
+    assert len(server.conns) == 1
+    assert (first.status, second.status) == (200, 200)
+
+
+async def test_websocket_handshake_with_a_non_latin1_header_is_upgraded(proxy: RunningProxy) -> None:
+    """A WebSocket handshake carrying a UTF-8 header value outside Latin-1 is upgraded, not answered 500."""
+    request = "\r\n".join([*WS_HANDSHAKE, f"Host: {authority(proxy.url)}", "X-Name: \u20ac"]).encode() + b"\r\n\r\n"
+    head = await read_head(proxy.url, request)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+
+
+async def test_websocket_handshake_refused_by_the_upstream_is_a_problem(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
+    """An upstream refusing the WebSocket handshake with 403 gives the client a 403 upstream-refused-upgrade problem."""
+    server = await upstream(answer_each(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"))
+    proxy = await make_proxy(upstream=server.url)
+    reply = await raw_request(proxy.url, "\r\n".join([*WS_HANDSHAKE, f"Host: {authority(proxy.url)}"]))
+    assert_problem(reply, 403, "upstream-refused-upgrade")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [OK, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+    ids=["complete", "streamed"],
+)
+async def test_relayed_response_gains_no_content_type_or_server(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, answer: bytes
+) -> None:
+    """An upstream answer without Content-Type and Server reaches the client without them."""
+    server = await upstream(answer_each(answer))
+    proxy = await make_proxy(upstream=server.url)
+    reply = await raw_request(proxy.url, raw_get(proxy, "/x"))
+    assert (reply.status, reply.body) == (200, b"ok")
+    assert "Content-Type" not in reply.headers
+    assert "Server" not in reply.headers

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ACCESS_LOG_KEYS, FakeClock, ProxyFactory, RunningProxy
+from conftest import (
+    ACCESS_LOG_KEYS,
+    FakeClock,
+    ProxyFactory,
+    RunningProxy,
+)
 from helpers.proxying import PAST_EXPIRY, assert_problem, fetch, raw_get, stored_tokens, wait_for_log_lines
 from helpers.wire import raw_request
 from prometheus_client.parser import text_string_to_metric_families
@@ -209,3 +215,21 @@ async def test_access_log_marks_a_refresh_at_expiry(
     await fetch(client, "GET", proxy.url + "/api/v1/echo")
     (line,) = await wait_for_log_lines(proxy, 1)
     assert (line["refreshed"], line["retried"]) == (True, False)
+
+
+# -- metrics of the non-replayable 401 path --------------------------------------
+
+
+async def test_not_replayable_401_with_dead_refresh_token_counts_no_relogin(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
+    """A streamed body's 401, passed on as not-replayable while the refresh token is dead, is not counted as a re-login response."""
+    proxy = await make_proxy(replay_limit=1024)
+    cloud.revoke_access_tokens()
+    cloud.revoke_refresh_tokens()
+    reply = await fetch(client, "POST", proxy.url + "/api/v1/echo", data=os.urandom(4096))
+    assert reply.status == 401
+    assert reply.headers["X-Sidecar-Retry"] == "not-replayable"
+    assert "X-Sidecar-Error" not in reply.headers
+    metrics = await fetch(client, "GET", proxy.url + "/_sidecar/metrics")
+    assert metric(metrics.body.decode(), "sidecar_relogin_responses_total") == 0

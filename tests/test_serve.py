@@ -35,6 +35,7 @@ from conftest import (
     stored,
 )
 from helpers.serving import ECHO, READY_TIMEOUT, Served, access_lines, running_serve, seed_env, status_of
+from helpers.wire import read_head
 
 from sidecar.mockcloud import MockCloud
 from sidecar.store.file import TokenFile
@@ -526,3 +527,47 @@ async def test_two_serves_on_one_expired_store_refresh_once(
     assert statuses == [[200] * CONCURRENT, [200] * CONCURRENT]
     assert cloud.refresh_calls == 1
     assert cloud.chain_revocations == 0
+
+
+# -- what serve logs and refuses at startup --------------------------------------
+
+
+# How long a subprocess that must fail at once may take; a hang fails the test.
+FAIL_FAST = 6.0
+
+
+async def test_malformed_requests_are_not_quoted_in_the_log(
+    cloud: MockCloud, store_path: Path, env: dict[str, str], listen: str
+) -> None:
+    """A header with an invalid character and an oversized header get 400 or a close, and serve's stderr quotes neither, nor a traceback."""
+    seed_store(store_path, cloud)
+    host = listen.encode()
+    bad_cookie = b"GET /api/v1/echo HTTP/1.1\r\nHost: " + host + b"\r\nCookie: session=SUPERSECRETCOOKIE\x01\r\n\r\n"
+    huge_header = b"GET /api/v1/echo HTTP/1.1\r\nHost: " + host + b"\r\nX-Big: HUGESECRET" + b"a" * 9000 + b"\r\n\r\n"
+    async with running_serve(
+        env, listen, "--store", str(store_path), "--upstream", cloud.base_url, "--log-format", "text"
+    ) as served:
+        for request in (bad_cookie, huge_header):
+            head = await read_head(served.base_url, request)
+            assert head == b"" or head.split(b" ", 2)[1] == b"400", head
+        assert await served.stop() == 0
+    assert "SUPERSECRETCOOKIE" not in served.stderr
+    assert "HUGESECRET" not in served.stderr
+    assert "Traceback" not in served.stderr
+
+
+@pytest.mark.parametrize(
+    ("upstream", "secret"),
+    [("https://user:hunter2secret@example.test", "hunter2secret"), ("http://127.0.0.1:99999", None)],
+    ids=["credentials", "port-out-of-range"],
+)
+async def test_bad_upstream_url_is_exit_2(
+    env: dict[str, str], store_path: Path, listen: str, upstream: str, secret: str | None
+) -> None:
+    """An upstream URL carrying credentials or an impossible port makes serve exit 2 with one stderr line that does not repeat the password."""
+    run = await run_sidecar(
+        env, "serve", "--listen", listen, "--store", str(store_path), "--upstream", upstream, timeout=FAIL_FAST
+    )
+    assert_one_line_failure(run, 2)
+    if secret is not None:
+        assert secret not in run.err

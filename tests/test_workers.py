@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import aiohttp
-from conftest import run_sidecar, seed_expired
+from conftest import (
+    assert_one_line_failure,
+    run_sidecar,
+    seed_expired,
+)
 from helpers.serving import Served, running_serve, status_of
 
 from sidecar.mockcloud import MockCloud
@@ -129,3 +134,33 @@ async def test_workers_with_unix_socket_is_a_config_error(
     )
     assert run.code == 2
     assert run.err.strip().count("\n") == 0 and "workers" in run.err
+
+
+# -- startup failures ------------------------------------------------------------
+
+
+# How long a subprocess that must fail at once may take; a hang fails the test.
+FAIL_FAST = 6.0
+
+
+async def test_workers_on_a_busy_port_exit_2_at_once(env: dict[str, str], store_path: Path) -> None:
+    """serve --workers 2 on a port someone else holds exits 2 at once with one stderr line about listen."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = await run_sidecar(
+            env,
+            "serve",
+            "--workers",
+            "2",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            str(store_path),
+            "--upstream",
+            "http://127.0.0.1:9",
+            timeout=FAIL_FAST,
+        )
+    assert_one_line_failure(run, 2)
+    assert "listen" in run.err

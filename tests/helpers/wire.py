@@ -92,3 +92,17 @@ async def raw_request(url: str, head: str, body: bytes = b"") -> Reply:
     assert parsed.host is not None and parsed.port is not None
     status_line, pairs, payload = await exchange(parsed.host, parsed.port, head.encode("latin-1") + b"\r\n\r\n" + body)
     return Reply(int(status_line.split(" ", 2)[1]), CIMultiDict(pairs), payload)
+
+
+async def read_head(url: str, request: bytes) -> bytes:
+    """Send ``request`` verbatim to ``url``'s port on loopback; the response head, or b"" if the server closed without one."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    try:
+        writer.write(request)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_TIMEOUT)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return b""
+    finally:
+        writer.close()
