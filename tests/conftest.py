@@ -177,7 +177,7 @@ def free_port() -> int:
     """A loopback port that was free a moment ago: nothing listens on it now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        return int(probe.getsockname()[1])
 
 
 # -- subprocesses -------------------------------------------------------------
@@ -319,7 +319,8 @@ class RunningProxy:
 
     @property
     def manager(self) -> TokenManager:
-        return self.sidecar.manager
+        manager: TokenManager = self.sidecar.manager
+        return manager
 
 
 ProxyFactory = Callable[..., Awaitable[RunningProxy]]

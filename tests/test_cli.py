@@ -51,7 +51,7 @@ async def test_token_prints_stored_token_when_fresh(cloud: MockCloud, store_path
     pair = seed_store(store_path, cloud)
     run = await run_sidecar(env, "token", "--store", str(store_path))
     assert run.code == 0, run
-    assert run.out == pair.access_token + "\n"
+    assert run.out == f"{pair.access_token}\n"
     assert cloud.refresh_calls == 0
 
 
@@ -175,7 +175,7 @@ async def test_status_shows_user_and_upstream(cloud: MockCloud, store_path: Path
     assert run.code == 0, run
     assert "alice" in run.out
     assert cloud.base_url in run.out
-    assert pair.access_token not in run.out + run.err
+    assert pair.access_token and pair.access_token not in run.out + run.err
     assert pair.refresh_token not in run.out + run.err
 
 
@@ -193,7 +193,7 @@ async def test_status_json_reports_login_without_tokens(
     assert isinstance(report["secondsToExpiry"], int)
     assert report["secondsToExpiry"] == pytest.approx(86400, abs=30)
     assert report["user"]["name"] == "alice"
-    assert pair.access_token not in run.out + run.err
+    assert pair.access_token and pair.access_token not in run.out + run.err
     assert pair.refresh_token not in run.out + run.err
     assert cloud.refresh_calls == 0
 
@@ -215,7 +215,8 @@ async def test_import_flags_store_refresh_token_upstream_and_now(
     assert set(document) == {"refreshToken", "apiUrl", "obtainedAt"}
     assert document["refreshToken"] == refresh
     assert document["apiUrl"] == cloud.base_url
-    assert started - 1 <= parse_timestamp(document["obtainedAt"]) <= time.time() + 1
+    obtained_at = parse_timestamp(document["obtainedAt"])
+    assert obtained_at is not None and started - 1 <= obtained_at <= time.time() + 1
     assert_no_secrets(run, refresh)
 
 

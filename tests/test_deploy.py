@@ -48,7 +48,8 @@ def dockerfile_env() -> dict[str, str]:
 
 def dockerfile_json(word: str) -> list[str]:
     [rest] = [rest for name, rest in dockerfile_instructions() if name == word]
-    return json.loads(rest)
+    words: list[str] = json.loads(rest)
+    return words
 
 
 async def wait_healthy(url: str, process: asyncio.subprocess.Process, host: str | None = None) -> None:

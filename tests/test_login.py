@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from conftest import (
     TIMEOUT,
     FakeClock,
@@ -592,7 +593,9 @@ async def test_poll_flow_works_under_a_path_prefix(clock: FakeClock) -> None:
     assert pair.access_token is not None and prefixed.access_token_valid(pair.access_token)
 
 
-async def test_poll_flow_http_500_is_login_error_naming_it(aiohttp_server: Callable[..., Awaitable[object]]) -> None:
+async def test_poll_flow_http_500_is_login_error_naming_it(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
     """A poll answered with HTTP 500 raises LoginError naming 500 at once."""
     calls = 0
 
@@ -611,11 +614,11 @@ async def test_poll_flow_http_500_is_login_error_naming_it(aiohttp_server: Calla
                     str(server.make_url("")), session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL
                 ),
                 5.0,
-            )  # type: ignore[attr-defined]
+            )
     assert calls == 1
 
 
-async def test_poll_flow_200_pending_means_wait(aiohttp_server: Callable[..., Awaitable[object]]) -> None:
+async def test_poll_flow_200_pending_means_wait(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
     """A 200 with {"status": "pending"} is waited out like a 202, and snake_case tokens are accepted."""
     calls = 0
 
@@ -637,7 +640,7 @@ async def test_poll_flow_200_pending_means_wait(aiohttp_server: Callable[..., Aw
                 str(server.make_url("")), session, timeout=5.0, announce=lambda url: None, interval=FAST_INTERVAL
             ),
             5.0,
-        )  # type: ignore[attr-defined]
+        )
     assert calls == 3
     assert (pair.access_token, pair.refresh_token) == ("at_x", "rt_x")
     assert pair.expires_at == parse_timestamp("2030-01-01T00:00:00Z")

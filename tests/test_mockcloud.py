@@ -65,7 +65,8 @@ async def echo_status(session: aiohttp.ClientSession, cloud: MockCloud, at: str)
 
 async def stats(session: aiohttp.ClientSession, cloud: MockCloud) -> dict[str, int]:
     async with session.get(cloud.base_url + "/_mock/stats") as resp:
-        return await resp.json()
+        stats: dict[str, int] = await resp.json()
+        return stats
 
 
 # -- refresh --------------------------------------------------------------

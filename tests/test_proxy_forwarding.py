@@ -13,6 +13,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -36,12 +37,12 @@ from sidecar.tokens import TokenPair
 HOP_BY_HOP_SENT = ("Connection", "X-Drop-Me", "Keep-Alive", "TE", "Proxy-Authorization", "Proxy-Connection")
 
 
-def upstream_headers(echo: dict) -> list[tuple[str, str]]:
+def upstream_headers(echo: dict[str, Any]) -> list[tuple[str, str]]:
     """The echo's raw header list as (lowercased name, value) pairs."""
     return [(name.lower(), value) for name, value in echo["headers"]]
 
 
-def upstream_header_names(echo: dict) -> list[str]:
+def upstream_header_names(echo: dict[str, Any]) -> list[str]:
     return sorted(name for name, _ in upstream_headers(echo))
 
 

@@ -524,7 +524,7 @@ async def test_two_serves_on_one_expired_store_refresh_once(
                 return list(await asyncio.gather(*(status_of(served, session) for _ in range(CONCURRENT))))
 
         statuses = await asyncio.gather(burst(first), burst(second))
-    assert statuses == [[200] * CONCURRENT, [200] * CONCURRENT]
+    assert list(statuses) == [[200] * CONCURRENT, [200] * CONCURRENT]
     assert cloud.refresh_calls == 1
     assert cloud.chain_revocations == 0
 

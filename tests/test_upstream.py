@@ -712,7 +712,7 @@ async def test_proxy_replaces_the_client_authorization(
     proxy = await make_proxy(upstream=server.url)
     lines = header_lines(await upstream_head(proxy, server))
     assert [line for line in lines if line.lower().startswith(b"authorization:")] == [
-        b"Authorization: Bearer " + login.access_token.encode()
+        f"Authorization: Bearer {login.access_token}".encode()
     ]
 
 

@@ -41,7 +41,7 @@ def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
     assert reply.headers.get("X-Sidecar-Error") == code
     assert reply.headers.get("Content-Type") == "application/problem+json"
     assert reply.headers.get("Cache-Control") == "no-store"
-    document = reply.json()
+    document: dict[str, Any] = reply.json()
     assert isinstance(document["type"], str) and document["type"]
     assert isinstance(document["title"], str) and document["title"]
     assert document["status"] == status

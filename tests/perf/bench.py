@@ -103,7 +103,7 @@ def free_port() -> int:
             port = s.getsockname()[1]
         if port not in _used_ports:
             _used_ports.add(port)
-            return port
+            return int(port)
     raise BenchError("could not find a free port on 127.0.0.1")
 
 
@@ -397,7 +397,7 @@ class Wrk:
         result = self.run(port, path, conns, duration)
         result["wall_start"] = t0
         result["wall_end"] = time.time()
-        if cpu_pids:
+        if cpu_pids and before is not None:
             spent = cpu_seconds(cpu_pids) - before
             result["cpu_s"] = spent
             reqs = result.get("requests") or 0
@@ -733,19 +733,22 @@ class Bench:
                 conn.close()
         if resp.status != 200:
             raise BenchError(f"mock cloud refused a known refresh token: HTTP {resp.status} {body[:200]!r}")
-        return json.loads(body)
+        document: dict[str, Any] = json.loads(body)
+        return document
 
     def mock_stats(self) -> dict[str, int]:
         status, body = http_request(self.mock.port, "/_mock/stats")
         if status != 200:
             raise BenchError(f"GET /_mock/stats: HTTP {status}")
-        return json.loads(body)
+        stats: dict[str, int] = json.loads(body)
+        return stats
 
     def sidecar_status(self, server: Server) -> dict[str, Any]:
         status, body = http_request(server.port, "/_sidecar/status")
         if status != 200:
             raise BenchError(f"{server.name}: GET /_sidecar/status: HTTP {status}")
-        return json.loads(body)
+        document: dict[str, Any] = json.loads(body)
+        return document
 
     def setup(self) -> None:
         w = self.workdir
@@ -1151,7 +1154,8 @@ class Bench:
                     f"{label:<10} {i + 1:>4} {r['rps']:>10,.0f} {fmt_us(r.get('p50_us')):>9} {fmt_us(r.get('p99_us')):>9} "
                     f"{r['cpu_us_per_req']:>10.1f} {r['errors']:>6}"
                 )
-        ratio = mean([r["rps"] for r in runs["2 workers"]]) / mean([r["rps"] for r in runs["1 worker"]])
+        two, one = mean([r["rps"] for r in runs["2 workers"]]), mean([r["rps"] for r in runs["1 worker"]])
+        ratio = two / one if two is not None and one else float("nan")
         self.say(f"  2 workers / 1 worker req/s: {ratio:.2f}  (worker processes seen: {len(kids)})")
         if self.server_cpus is not None and "," not in self.server_cpus:
             self.say(
