@@ -9,6 +9,7 @@
     ├── RefreshError
     │   ├── RefreshDead      the refresh token is spent or revoked
     │   └── RefreshTransient the token endpoint failed for now; retry later
+    │       └── UnusableGrant a grant failing its checks (sidecar.tokens; keeps a new refresh token)
     └── LoginError           the login flow failed
 
 No message ever carries a token value: callers format only status codes,

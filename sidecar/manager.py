@@ -30,8 +30,16 @@ from sidecar.refreshing import (
     backoff_delay,
     token_of,
 )
-from sidecar.store.interface import StoreSnapshot, TokenStore, Version
-from sidecar.tokens import TokenPair, TokenState, needs_refresh, refresh_due_at, still_needs_refresh, token_state
+from sidecar.store.interface import PendingWrite, StoreSnapshot, TokenStore, Version
+from sidecar.tokens import (
+    TokenPair,
+    TokenState,
+    UnusableGrant,
+    needs_refresh,
+    refresh_due_at,
+    still_needs_refresh,
+    token_state,
+)
 
 log = logging.getLogger("sidecar.manager")
 
@@ -268,6 +276,9 @@ class TokenManager:
             raise self._transient(str(exc)) from None  # spending the refresh token now would lose its successor
         try:
             new_pair = await self.refresher.refresh(pair, now)
+        except UnusableGrant as exc:
+            await self._commit(pending, exc.salvage, spent=pair.refresh_token)
+            raise self._transient(exc.reason) from None
         except (ConfigError, RefreshTransient) as exc:
             await pending.abort()
             raise self._transient(exc.reason if isinstance(exc, RefreshTransient) else str(exc)) from None
@@ -277,17 +288,8 @@ class TokenManager:
         except BaseException:
             await pending.abort()
             raise
-        try:
-            self._version = await pending.commit(new_pair)
+        if await self._commit(pending, new_pair, spent=pair.refresh_token):
             self.stats.last_error = None
-        except StoreError as exc:
-            # The old refresh token is spent: keep the new pair in memory,
-            # never let the stale store override it, and retry the save on
-            # the next refresh.  A login that landed meanwhile still wins.
-            log.error("refreshed, but %s; the new login lives only in memory until it can be saved", exc)
-            self.stats.last_error = str(exc)
-            self._unsaved = UnsavedPair(new_pair, spent_refresh_token=pair.refresh_token)
-        self._pair = new_pair
         self._problem = None
         self._failures = 0
         self._backoff_until = 0.0
@@ -305,6 +307,19 @@ class TokenManager:
         self._notify("ok")
         log.info("access token refreshed")
         return new_pair
+
+    async def _commit(self, pending: PendingWrite, new_pair: TokenPair, *, spent: str) -> bool:
+        """Hold ``new_pair`` and save it; whether the store took it.  ``spent`` is used up either way:
+        an unsaved pair lives in memory, is never overridden by the stale store, and is saved on the next refresh."""
+        self._pair = new_pair
+        try:
+            self._version = await pending.commit(new_pair)
+            return True
+        except StoreError as exc:
+            log.error("refreshed, but %s; the new login lives only in memory until it can be saved", exc)
+            self.stats.last_error = str(exc)
+            self._unsaved = UnsavedPair(new_pair, spent_refresh_token=spent)
+            return False
 
     async def _handle_dead(self, pair: TokenPair, reason: str) -> TokenPair:
         snapshot = await self.store.read()

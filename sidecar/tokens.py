@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,9 @@ from sidecar.errors import RefreshTransient
 MAX_EPOCH = 253_000_000_000.0  # about year 9987
 # expires_in beyond a century is a broken server, not a long-lived token.
 MAX_EXPIRES_IN = 100 * 365 * 86400.0
+# SPEC §3: a granted token is at most this long, in RFC 6750 b64token characters.
+MAX_TOKEN_LENGTH = 16 * 1024
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -141,6 +145,24 @@ def format_timestamp(epoch: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class UnusableGrant(RefreshTransient):
+    """A grant that failed its checks but rotated the refresh token.
+
+    ``salvage`` is the previous pair with the newly granted refresh token: the
+    old one is spent, so the new one has to be saved although the grant's
+    access token is never used.
+    """
+
+    def __init__(self, reason: str, salvage: TokenPair) -> None:
+        super().__init__(reason)
+        self.salvage = salvage
+
+
+def is_b64token(value: object) -> bool:
+    """Whether ``value`` may be sent as a bearer token: RFC 6750 ``b64token``, at most 16 KiB."""
+    return isinstance(value, str) and len(value) <= MAX_TOKEN_LENGTH and _B64TOKEN.fullmatch(value) is not None
+
+
 def _first(body: Mapping[str, Any], *names: str) -> Any:
     for name in names:
         if name in body and body[name] is not None:
@@ -164,13 +186,22 @@ def pair_from_grant(
     access = _first(body, "accessToken", "access_token")
     if access_optional and access == "":
         access = None
-    if not (access is None and access_optional) and (not isinstance(access, str) or not access):
-        raise RefreshTransient("token endpoint answered 2xx without an access token")
-    refresh = _first(body, "refreshToken", "refresh_token")
-    if refresh is None and previous is not None:
-        refresh = previous.refresh_token
+    granted_refresh = _first(body, "refreshToken", "refresh_token")
+    if granted_refresh is not None and not is_b64token(granted_refresh):
+        raise RefreshTransient("token endpoint granted a refresh token that is not a b64token of at most 16 KiB")
+    refresh = granted_refresh if granted_refresh is not None else (previous.refresh_token if previous else None)
     if not isinstance(refresh, str) or not refresh:
         raise RefreshTransient("token endpoint answered 2xx without a refresh token")
+    if not (access is None and access_optional) and not is_b64token(access):
+        reason = (
+            "token endpoint answered 2xx without an access token"
+            if access is None or access == ""
+            else "token endpoint granted an access token that is not a b64token of at most 16 KiB"
+        )
+        if granted_refresh is None or previous is None:
+            raise RefreshTransient(reason)
+        # The old refresh token is spent; the new one may be the only live one.
+        raise UnusableGrant(reason, dataclasses.replace(previous, refresh_token=granted_refresh))
     expires_at = parse_timestamp(
         _first(body, "accessTokenExpiresAt", "access_token_expires_at", "expiresAt", "expires_at")
     )

@@ -9,9 +9,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import orjson
 
+# SPEC §3: what a token endpoint (or a login or whoami endpoint) answers is
+# read up to this size; anything bigger is refused, not buffered.
+MAX_ANSWER_BYTES = 1024 * 1024
 _CODE_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class AnswerTooLarge(Exception):
+    """An answer's body exceeded MAX_ANSWER_BYTES; nothing past the limit was read."""
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The whole body of ``response``, or AnswerTooLarge once it passes ``limit`` bytes."""
+    if (response.content_length or 0) > limit:
+        raise AnswerTooLarge()
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge()
+    return bytes(body)
 
 
 def json_object(body: bytes) -> Mapping[str, Any]:

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 
-from sidecar.auth.answers import error_code, json_object
+from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.auth.callback import loopback_callback, page
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, LoginError, RefreshTransient
@@ -47,8 +47,8 @@ def _pair(grant: Mapping[str, Any], api_url: str, now: float) -> TokenPair:
     """The pair a login answer grants; both tokens are required, the expiry is not (refreshed on first use)."""
     try:
         return pair_from_grant(grant, previous=None, now=now, api_url=api_url)
-    except RefreshTransient:
-        raise LoginError("the cloud's answer lacks an access token or a refresh token") from None
+    except RefreshTransient as exc:
+        raise LoginError(f"login failed: the cloud's answer is not usable ({exc.reason})") from None
 
 
 async def callback_flow(
@@ -114,7 +114,9 @@ async def poll_flow(
         try:
             async with session.get(url, headers={"Accept": "application/json"}, allow_redirects=False) as response:
                 status = response.status
-                body = await response.read()
+                body = await read_capped(response)
+        except AnswerTooLarge:
+            raise LoginError("login failed: the cloud answered with a body over 1 MiB") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise LoginError(f"login failed: the cloud could not be reached ({type(exc).__name__})") from None
         document = json_object(body)

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from sidecar import __version__
-from sidecar.auth.answers import error_code, json_object
+from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
 from sidecar.tokens import TokenPair, pair_from_grant
@@ -71,8 +71,10 @@ class HttpRefresher:
         url, options = self._request(pair)
         try:
             async with self._session.post(url, timeout=self._timeout, allow_redirects=False, **options) as response:
-                body = await response.read()
+                body = await read_capped(response)
                 status = response.status
+        except AnswerTooLarge:
+            raise RefreshTransient("token endpoint answered with a body over 1 MiB") from None
         except TimeoutError:
             raise RefreshTransient("token endpoint timed out") from None
         except aiohttp.ClientError as exc:

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
+from sidecar.auth.answers import AnswerTooLarge, read_capped
 from sidecar.auth.imported import pair_from_import
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
@@ -150,9 +151,11 @@ async def _whoami(session: aiohttp.ClientSession, api_url: str, token: str) -> t
     url = api_url.rstrip("/") + WHOAMI_PATH
     try:
         async with session.get(url, headers={"Authorization": f"Bearer {token}"}, allow_redirects=False) as response:
-            body = await response.read()
             if response.status != 200:
                 return None, f"whoami answered HTTP {response.status}"
+            body = await read_capped(response)
+    except AnswerTooLarge:
+        return None, "whoami answered with a body over 1 MiB"
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return None, f"whoami failed: {type(exc).__name__}"
     try:
