@@ -368,6 +368,45 @@ def test_read_reports_the_current_signature(tmp_path: Path) -> None:
     )
 
 
+# --- a store path that is a symbolic link ---------------------------------------------
+
+
+def _linked_store(tmp_path: Path) -> tuple[TokenFile, Path]:
+    """A store whose path is a symlink to another program's token file (relative, as ``ln -s`` makes it)."""
+    target = tmp_path / "desktop-app" / "tokens.json"
+    _write_raw(target, {"accessToken": "at-app", "refreshToken": "rt-app", "appSetting": 7})
+    link = tmp_path / "sidecar" / "tokens.json"
+    link.parent.mkdir()
+    link.symlink_to(Path("..") / "desktop-app" / "tokens.json")
+    return TokenFile(link), target
+
+
+def test_write_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path: Path) -> None:
+    """The rotated pair lands in the link's target (another program reads it there); the link stays a link."""
+    store, target = _linked_store(tmp_path)
+    before = store.read().pair
+    assert before is not None
+    rotated = dataclasses.replace(PAIR, extra=before.extra)
+    store.write(rotated)
+    assert store.path.is_symlink()
+    document = json.loads(target.read_text())
+    assert (document["accessToken"], document["refreshToken"], document["appSetting"]) == ("at-1", "rt-1", 7)
+    assert _mode(target) == 0o600
+    assert _temp_files(store.path.parent) == _temp_files(target.parent) == []
+    assert store.read().pair == rotated
+
+
+def test_clearing_a_symlinked_store_deletes_the_target_and_the_next_write_goes_there_again(tmp_path: Path) -> None:
+    """Logout through a link removes the token file it points at; a new login writes there, through the same link."""
+    store, target = _linked_store(tmp_path)
+    assert store.clear() is True
+    assert store.path.is_symlink() and not target.exists()
+    assert store.read().pair is None
+    store.write(PAIR)
+    assert store.path.is_symlink()
+    assert json.loads(target.read_text())["refreshToken"] == "rt-1"
+
+
 # --- the cross-process lock ----------------------------------------------------------
 
 

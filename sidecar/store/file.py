@@ -114,6 +114,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _sweep_stale_temp_files(target: Path) -> None:
+    """Remove temp files left beside ``target`` by a process killed mid-refresh (they hold no token)."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    try:
+        candidates = list(target.parent.glob(f".{glob.escape(target.name)}.*.tmp"))
+    except OSError:
+        return
+    for candidate in candidates:
+        try:
+            if candidate.stat().st_mtime < cutoff:
+                candidate.unlink()
+        except OSError:
+            pass
+
+
 class TokenFile:
     """The token file at ``path`` and its lock file ``<path>.lock`` (blocking calls)."""
 
@@ -167,10 +182,18 @@ class TokenFile:
             return StoreSnapshot(None, f"token store {self.path} is corrupt: {exc}", version)
         return StoreSnapshot(pair, None, version)
 
-    def ensure_directory(self) -> None:
-        """Create missing parent directories with mode 0700; existing ones stay as they are."""
+    def target(self) -> Path:
+        """The file a write replaces: the store path, or where its symbolic link points (SPEC §2).
+
+        Writing through keeps the link, so another program that reads the
+        link's target (a desktop app's own token file) sees every rotation.
+        """
+        return Path(os.path.realpath(self.path)) if self.path.is_symlink() else self.path
+
+    def ensure_directory(self, directory: Path | None = None) -> None:
+        """Create missing directories up to ``directory`` (the store's) with mode 0700; existing ones stay as they are."""
         missing: list[Path] = []
-        directory = self.path.parent
+        directory = directory or self.path.parent
         while not directory.exists():
             missing.append(directory)
             if directory.parent == directory:
@@ -187,37 +210,25 @@ class TokenFile:
 
     def begin_write(self) -> PendingWrite:
         """Open the temp file for the next write; StoreError if that is impossible."""
-        self.ensure_directory()
-        self._sweep_stale_temp_files()
-        return PendingWrite(self.path)
-
-    def _sweep_stale_temp_files(self) -> None:
-        """Remove temp files left by a process killed mid-refresh (they hold no token)."""
-        cutoff = time.time() - STALE_TEMP_SECONDS
-        try:
-            candidates = list(self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"))
-        except OSError:
-            return
-        for candidate in candidates:
-            try:
-                if candidate.stat().st_mtime < cutoff:
-                    candidate.unlink()
-            except OSError:
-                pass
+        target = self.target()
+        self.ensure_directory(target.parent)
+        _sweep_stale_temp_files(target)
+        return PendingWrite(target)
 
     def write(self, pair: TokenPair) -> None:
         """Atomically replace the store with ``pair`` (mode 0600)."""
         self.begin_write().commit(pair)
 
     def clear(self) -> bool:
-        """Delete the store; True if there was one."""
+        """Delete the store (a symbolic link's target, the link kept for the next login); True if there was one."""
+        target = self.target()
         try:
-            self.path.unlink()
+            target.unlink()
         except FileNotFoundError:
             return False
         except OSError as exc:
             raise StoreError(f"cannot delete token store {self.path}: {_strerror(exc)}") from None
-        _fsync_dir(self.path.parent)
+        _fsync_dir(target.parent)
         return True
 
     def open_lock_file(self) -> int:
