@@ -1,0 +1,777 @@
+"""``MockCloud``: the cloud's state, its routes, and starting and stopping it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import gzip
+import hashlib
+import html
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote_plus
+
+import orjson
+from aiohttp import WSMsgType, web
+from yarl import URL
+
+__all__ = ["DEFAULT_ACCESS_TTL", "DEFAULT_REFRESH_TTL", "MockCloud", "run_mock_cloud"]
+
+# One logger for the whole mock cloud, whichever module logs.
+log = logging.getLogger("sidecar.mockcloud")
+
+# The desktop app's cloud: access tokens live one day, refresh tokens a week.
+DEFAULT_ACCESS_TTL = 86400.0
+DEFAULT_REFRESH_TTL = 7 * 86400.0
+
+# Hosts a browser-login redirect may point at: the login command's loopback
+# listener, never anywhere else (an open redirect would leak the tokens).
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+# Big enough that a 1 GiB stream is ~16k writes, small enough to stay cheap.
+_DEFAULT_CHUNK = 65536
+
+# In-flight handlers get this long to finish on stop(); the hang switches are
+# woken explicitly, so this only bounds stragglers such as open streams.
+_SHUTDOWN_TIMEOUT = 0.5
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True, eq=False)
+class _Family:
+    """One login and every token rotated from it."""
+
+    id: int
+    revoked: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Grant:
+    """What the cloud remembers about one token value."""
+
+    family: _Family
+    expires_at: float
+    spent: bool = False
+
+
+@dataclass(slots=True)
+class _Switch:
+    """A countdown test switch: the next ``remaining`` refresh calls misbehave."""
+
+    remaining: int = 0
+    status: int = 503
+    seconds: float = 0.0
+
+    def take(self) -> bool:
+        """Consume one use; true when this call is affected."""
+        if self.remaining <= 0:
+            return False
+        self.remaining -= 1
+        return True
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """Result of presenting a refresh token: a new pair, or None when dead."""
+
+    access_token: str | None = None
+    refresh_token: str | None = None
+    expires_at: float = 0.0
+
+
+def _iso(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds and a ``Z``, like JavaScript's toISOString()."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _seconds(value: float) -> int | float:
+    """A duration as JSON wants it: an integer when whole."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response serialized with orjson."""
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
+
+
+def _normalize_prefix(prefix: str) -> str:
+    """``""`` or ``"/cloud"``: a leading slash and no trailing one."""
+    prefix = prefix.strip().rstrip("/")
+    if prefix and not prefix.startswith("/"):
+        prefix = "/" + prefix
+    return prefix
+
+
+def _bearer(request: web.Request) -> str | None:
+    """The bearer token from ``Authorization``, or None."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def _basic(request: web.Request) -> tuple[str, str] | None:
+    """HTTP Basic client credentials, form-decoded as RFC 6749 §2.3.1 says, or None."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return None
+    return unquote_plus(user), unquote_plus(password)
+
+
+async def _drain(request: web.Request) -> tuple[int, str]:
+    """Read the request body in chunks; return its length and SHA-256 hex."""
+    digest = hashlib.sha256()
+    n = 0
+    async for chunk in request.content.iter_chunked(_DEFAULT_CHUNK):
+        digest.update(chunk)
+        n += len(chunk)
+    return n, digest.hexdigest()
+
+
+class MockCloud:
+    """An in-process cloud with rotating single-use refresh tokens and test switches.
+
+    Counters (``refresh_calls``, ``refresh_ok``, ``requests_seen``,
+    ``chain_revocations``) and switches (``login_error``,
+    ``login_omit_expiry``, ``poll_error``, ``refresh_response_style``,
+    ``oauth_client``) are plain attributes. All expiry checks use ``clock``.
+    """
+
+    def __init__(
+        self,
+        *,
+        access_ttl: float = DEFAULT_ACCESS_TTL,
+        refresh_ttl: float = DEFAULT_REFRESH_TTL,
+        prefix: str = "",
+        clock: Callable[[], float] = time.time,
+        user: str = "alice",
+        email: str = "alice@example.test",
+    ) -> None:
+        self.access_ttl = access_ttl
+        self.refresh_ttl = refresh_ttl
+        self.prefix = _normalize_prefix(prefix)
+        self.clock = clock
+        self.user = user
+        self.email = email
+        self.base_url = ""
+
+        self.refresh_calls = 0
+        self.refresh_ok = 0
+        self.requests_seen = 0
+        self.chain_revocations = 0
+        self.last_echo_body_sha256: str | None = None
+        self.last_oauth_form: dict[str, str] = {}
+        self.last_oauth_basic: tuple[str, str] | None = None
+
+        self.login_error: str | None = None
+        self.login_omit_expiry = False
+        self.poll_error: str | None = None
+        self.refresh_response_style = "camel"
+        self.oauth_client: tuple[str, str] | None = None
+
+        self._families = itertools.count(1)
+        self._access: dict[str, _Grant] = {}
+        # Every token value ever handed out, for leak checks in tests.
+        self.minted: set[str] = set()
+        self._refresh: dict[str, _Grant] = {}
+        self._codes: dict[str, str] = {}  # code -> "approved" | "consumed"
+        self._fail = _Switch()
+        self._hang = _Switch()
+        self._reject = _Switch()
+        self._stopping = asyncio.Event()
+        self._websockets: set[web.WebSocketResponse] = set()
+        self._runner: web.AppRunner | None = None
+        self.app = self.make_app()
+
+    # -- tokens -----------------------------------------------------------
+
+    def issue_pair(self, *, access_ttl: float | None = None) -> dict[str, str]:
+        """Start a new login family; return ``accessToken``, ``refreshToken``, ``accessTokenExpiresAt``."""
+        family = _Family(next(self._families))
+        access, expires_at = self._new_access(family, access_ttl)
+        refresh = self._new_refresh(family)
+        return {
+            "accessToken": access,
+            "refreshToken": refresh,
+            "accessTokenExpiresAt": _iso(expires_at),
+        }
+
+    def register_refresh_token(self, token: str) -> None:
+        """Accept ``token`` as the refresh token of a new login (seeding containers in examples)."""
+        self._refresh[token] = _Grant(_Family(next(self._families)), self.clock() + self.refresh_ttl)
+        self.minted.add(token)
+
+    def _new_access(self, family: _Family, ttl: float | None = None) -> tuple[str, float]:
+        """Mint an access token in ``family``; return it with its expiry."""
+        token = "at_" + secrets.token_urlsafe(32)
+        expires_at = self.clock() + (self.access_ttl if ttl is None else ttl)
+        self._access[token] = _Grant(family, expires_at)
+        self.minted.add(token)
+        return token, expires_at
+
+    def _new_refresh(self, family: _Family) -> str:
+        """Mint a refresh token in ``family``."""
+        token = "rt_" + secrets.token_urlsafe(32)
+        self._refresh[token] = _Grant(family, self.clock() + self.refresh_ttl)
+        self.minted.add(token)
+        return token
+
+    def access_token_valid(self, token: str | None) -> bool:
+        """Whether ``token`` is a live access token right now."""
+        grant = self._access.get(token or "")
+        return grant is not None and not grant.family.revoked and self.clock() < grant.expires_at
+
+    def _revoke_family(self, family: _Family) -> None:
+        """Kill every token of one login."""
+        family.revoked = True
+        log.info("mock cloud: revoked login family %d", family.id)
+
+    def _rotate(self, refresh_token: str, *, rotate: bool = True) -> _Outcome | None:
+        """Spend ``refresh_token`` and mint the next pair, or None when it is dead.
+
+        A spent token presented again revokes its family (reuse detection).
+        """
+        grant = self._refresh.get(refresh_token)
+        if grant is None or grant.family.revoked:
+            return None
+        if grant.spent:
+            self.chain_revocations += 1
+            self._revoke_family(grant.family)
+            return None
+        if self.clock() >= grant.expires_at:
+            return None
+        access, expires_at = self._new_access(grant.family)
+        new_refresh: str | None = None
+        if rotate:
+            grant.spent = True
+            new_refresh = self._new_refresh(grant.family)
+        return _Outcome(access, new_refresh, expires_at)
+
+    # -- test switches ----------------------------------------------------
+
+    def fail_next_refreshes(self, n: int, status: int = 503) -> None:
+        """The next ``n`` refresh calls answer ``status`` with ``{"error": "server_error"}``."""
+        self._fail = _Switch(n, status=status)
+
+    def hang_next_refreshes(self, n: int, seconds: float = 3600) -> None:
+        """The next ``n`` refresh calls wait ``seconds`` (or until stop()) before answering."""
+        self._hang = _Switch(n, seconds=seconds)
+
+    def reject_next_refreshes(self, n: int) -> None:
+        """The next ``n`` refresh calls answer invalid_grant and revoke the presented chain."""
+        self._reject = _Switch(n)
+
+    def revoke_access_tokens(self) -> None:
+        """Every access token issued so far stops working."""
+        self._access.clear()
+
+    def revoke_refresh_tokens(self) -> None:
+        """Every refresh token issued so far stops working."""
+        self._refresh.clear()
+
+    def stats(self) -> dict[str, int]:
+        """The counters, as ``GET /_mock/stats`` reports them."""
+        return {
+            "refresh_calls": self.refresh_calls,
+            "refresh_ok": self.refresh_ok,
+            "requests_seen": self.requests_seen,
+            "chain_revocations": self.chain_revocations,
+        }
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless stop() starts first; true when the sleep ran out."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=max(seconds, 0.0))
+        except TimeoutError:
+            return True
+        return False
+
+    # -- app --------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        """Build the aiohttp application with every route under ``prefix``."""
+        app = web.Application(middlewares=[self._count_requests])
+        p = self.prefix
+        protected: list[tuple[str, str, _Handler]] = [
+            ("*", "/api/v1/echo", self._echo),
+            ("*", "/api/v1/echo/{tail:.*}", self._echo),
+            ("GET", "/api/v1/bytes", self._bytes),
+            ("POST", "/api/v1/upload", self._upload),
+            ("PUT", "/api/v1/upload", self._upload),
+            ("GET", "/api/v1/sse", self._sse),
+            ("GET", "/api/v1/gzip", self._gzip),
+            ("GET", "/api/v1/slow", self._slow),
+            ("GET", "/api/v1/redirect", self._redirect),
+            ("GET", "/api/v1/redirect-external", self._redirect_external),
+            ("GET", "/api/v1/ws", self._ws),
+            ("*", "/api/v1/status/{code}", self._status),
+        ]
+        for method, path, handler in protected:
+            app.router.add_route(method, p + path, self._protected(handler))
+        app.router.add_get(p + "/api/v1/cli/login", self._login)
+        app.router.add_get(p + "/cli-login", self._approve_page)
+        app.router.add_get(p + "/api/v1/auth/cli-login/poll", self._poll)
+        app.router.add_post(p + "/api/v1/auth/token/refresh", self._relay_refresh)
+        app.router.add_post(p + "/oauth/token", self._oauth_refresh)
+        app.router.add_get(p + "/api/v1/auth/whoami", self._whoami)
+        app.router.add_post(p + "/_mock/revoke-refresh", self._ctl_revoke_refresh)
+        app.router.add_post(p + "/_mock/revoke-access", self._ctl_revoke_access)
+        app.router.add_post(p + "/_mock/fail-refresh", self._ctl_fail_refresh)
+        app.router.add_post(p + "/_mock/hang-refresh", self._ctl_hang_refresh)
+        app.router.add_post(p + "/_mock/reject-refresh", self._ctl_reject_refresh)
+        app.router.add_get(p + "/_mock/stats", self._ctl_stats)
+        return app
+
+    @web.middleware
+    async def _count_requests(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """Count every request except the control endpoints, and hide client hang-ups."""
+        if not request.path.startswith(self.prefix + "/_mock/"):
+            self.requests_seen += 1
+        try:
+            return await handler(request)
+        except ConnectionError:
+            # The client left (a reset and aiohttp's "Connection lost" are both
+            # ConnectionError). Nobody is there to read an answer; this one
+            # only keeps aiohttp from logging a traceback, and its write fails
+            # quietly.
+            log.debug("mock cloud: client hung up on %s", request.path)
+            return web.Response(status=400)
+
+    def _protected(self, handler: _Handler) -> _Handler:
+        """Wrap ``handler`` so it runs only with a live bearer token."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if self.access_token_valid(_bearer(request)):
+                return await handler(request)
+            if request.can_read_body:
+                # Read the body before refusing, so a client still streaming a
+                # large upload gets the 401 instead of a reset connection.
+                await _drain(request)
+            return _json(
+                {"error": "invalid_token"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+
+        return guarded
+
+    def _api_url(self, request: web.Request) -> str:
+        """The base URL clients should use: ``base_url`` once started, else what the request says."""
+        return self.base_url or f"{request.scheme}://{request.host}{self.prefix}"
+
+    # -- login ------------------------------------------------------------
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        """Browser login: redirect to the loopback ``redirect_uri`` with a new pair or an error."""
+        redirect_uri = request.query.get("redirect_uri", "")
+        state = request.query.get("state", "")
+        try:
+            target = URL(redirect_uri)
+        except ValueError:
+            target = URL()
+        if target.scheme != "http" or target.host not in _LOOPBACK_HOSTS:
+            return _json({"error": "invalid_request", "detail": "redirect_uri must be loopback"}, 400)
+        if self.login_error is not None:
+            raise web.HTTPFound(str(target.extend_query(error=self.login_error, state=state)))
+        pair = self.issue_pair()
+        query = {
+            "state": state,
+            "access_token": pair["accessToken"],
+            "refresh_token": pair["refreshToken"],
+            "access_token_expires_at": pair["accessTokenExpiresAt"],
+            "api_url": self._api_url(request),
+        }
+        if self.login_omit_expiry:
+            del query["access_token_expires_at"]
+        raise web.HTTPFound(str(target.extend_query(query)))
+
+    async def _approve_page(self, request: web.Request) -> web.StreamResponse:
+        """Headless login, the user's side: opening the page approves the code."""
+        code = request.query.get("code", "")
+        if not code:
+            return web.Response(status=400, text="missing code\n")
+        if self._codes.get(code) != "consumed":
+            self._codes[code] = "approved"
+        page = (
+            "<!doctype html><title>sidecar login</title>"
+            f"<p>Approved. Code <code>{html.escape(code)}</code>; "
+            "you can close this page and return to the terminal.</p>\n"
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    async def _poll(self, request: web.Request) -> web.StreamResponse:
+        """Headless login, the CLI's side: pending until approved, then the pair exactly once."""
+        if self.poll_error is not None:
+            return _json({"error": self.poll_error}, 400)
+        code = request.query.get("code", "")
+        if not code:
+            return _json({"error": "invalid_request"}, 400)
+        state = self._codes.get(code)
+        if state == "consumed":
+            return _json({"error": "expired_code"}, 410)
+        if state != "approved":
+            # Unknown codes are pending: the CLI polls before the user opens the page.
+            return _json({"status": "pending"}, 202)
+        self._codes[code] = "consumed"
+        return _json(self.issue_pair())
+
+    # -- refresh ----------------------------------------------------------
+
+    async def _switches(self) -> tuple[int, str] | None:
+        """Apply hang/fail/reject switches; return (status, error) to answer, or None to proceed.
+
+        ``reject`` answers ``(0, "invalid_grant")``: the caller picks the
+        flavor's status and revokes the chain it was shown.
+        """
+        if self._hang.take():
+            if not await self._pause(self._hang.seconds):
+                return 503, "server_error"
+        if self._fail.take():
+            return self._fail.status, "server_error"
+        if self._reject.take():
+            return 0, "invalid_grant"
+        return None
+
+    def _reject_chain(self, refresh_token: str) -> None:
+        """Revoke the family of ``refresh_token``, if it is one we issued."""
+        grant = self._refresh.get(refresh_token)
+        if grant is not None and not grant.family.revoked:
+            self._revoke_family(grant.family)
+
+    async def _switched_answer(self, refresh_token: str, *, dead_status: int) -> web.Response | None:
+        """The answer a flipped test switch dictates for this refresh call, if any."""
+        switched = await self._switches()
+        if switched is None:
+            return None
+        status, error = switched
+        if error == "invalid_grant":
+            self._reject_chain(refresh_token)
+            status = dead_status
+        return _json({"error": error}, status)
+
+    async def _relay_refresh(self, request: web.Request) -> web.StreamResponse:
+        """Relay flavor: JSON ``{"refreshToken"}`` in, the rotated pair out."""
+        self.refresh_calls += 1
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        refresh_token = body.get("refreshToken") if isinstance(body, dict) else None
+        if not isinstance(refresh_token, str) or not refresh_token:
+            return _json({"error": "invalid_request"}, 400)
+        switched = await self._switched_answer(refresh_token, dead_status=403)
+        if switched is not None:
+            return switched
+        style = self.refresh_response_style
+        outcome = self._rotate(refresh_token, rotate=style != "no_rotation")
+        if outcome is None:
+            return _json({"error": "invalid_grant"}, 403)
+        self.refresh_ok += 1
+        expires_at = _iso(outcome.expires_at)
+        data: dict[str, Any]
+        if style == "snake":
+            data = {
+                "access_token": outcome.access_token,
+                "refresh_token": outcome.refresh_token,
+                "access_token_expires_at": expires_at,
+            }
+        elif style == "expires_in":
+            data = {
+                "accessToken": outcome.access_token,
+                "refreshToken": outcome.refresh_token,
+                "expires_in": _seconds(self.access_ttl),
+            }
+        elif style == "no_rotation":
+            data = {"accessToken": outcome.access_token, "accessTokenExpiresAt": expires_at}
+        else:
+            data = {
+                "accessToken": outcome.access_token,
+                "refreshToken": outcome.refresh_token,
+                "accessTokenExpiresAt": expires_at,
+            }
+        return _json(data)
+
+    async def _oauth_refresh(self, request: web.Request) -> web.StreamResponse:
+        """OAuth2 flavor (RFC 6749 §6): form in, ``access_token``/``refresh_token``/``expires_in`` out."""
+        self.refresh_calls += 1
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.last_oauth_form = form
+        self.last_oauth_basic = _basic(request)
+        if self.oauth_client is not None:
+            presented = self.last_oauth_basic or (
+                form.get("client_id", ""),
+                form.get("client_secret", ""),
+            )
+            if presented != self.oauth_client:
+                return _json(
+                    {"error": "invalid_client"},
+                    401,
+                    headers={"WWW-Authenticate": 'Basic realm="mock-cloud"'},
+                )
+        if form.get("grant_type") != "refresh_token":
+            return _json({"error": "unsupported_grant_type"}, 400)
+        refresh_token = form.get("refresh_token", "")
+        if not refresh_token:
+            return _json({"error": "invalid_request"}, 400)
+        switched = await self._switched_answer(refresh_token, dead_status=400)
+        if switched is not None:
+            return switched
+        outcome = self._rotate(refresh_token, rotate=self.refresh_response_style != "no_rotation")
+        if outcome is None:
+            return _json({"error": "invalid_grant"}, 400)
+        self.refresh_ok += 1
+        data: dict[str, Any] = {
+            "access_token": outcome.access_token,
+            "token_type": "Bearer",
+            "expires_in": _seconds(self.access_ttl),
+        }
+        if outcome.refresh_token is not None:
+            data["refresh_token"] = outcome.refresh_token
+        if "scope" in form:
+            data["scope"] = form["scope"]
+        return _json(data, headers={"Cache-Control": "no-store"})
+
+    async def _whoami(self, request: web.Request) -> web.StreamResponse:
+        """Who the bearer token belongs to."""
+        if not self.access_token_valid(_bearer(request)):
+            return _json(
+                {"error": "invalid_token"},
+                401,
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return _json({"name": self.user, "email": self.email})
+
+    # -- protected test endpoints -----------------------------------------
+
+    async def _echo(self, request: web.Request) -> web.StreamResponse:
+        """Report the request exactly as it arrived: raw path, raw query, raw headers, body hash."""
+        path, _, raw_query = request.raw_path.partition("?")
+        length, digest = await _drain(request)
+        self.last_echo_body_sha256 = digest
+        transfer_encoding = request.headers.get("Transfer-Encoding", "").lower()
+        return _json(
+            {
+                "method": request.method,
+                "path": path,
+                "raw_query": raw_query,
+                "headers": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in request.raw_headers],
+                "authorization": request.headers.get("Authorization"),
+                "body_sha256": digest,
+                "body_length": length,
+                "chunked": "chunked" in transfer_encoding,
+            }
+        )
+
+    async def _bytes(self, request: web.Request) -> web.StreamResponse:
+        """Stream ``n`` bytes of ``b"x"`` in ``chunk``-sized writes, chunked, never buffered."""
+        try:
+            n = int(request.query.get("n", "0"))
+            chunk = int(request.query.get("chunk", str(_DEFAULT_CHUNK)))
+        except ValueError:
+            return _json({"error": "invalid_request"}, 400)
+        if n < 0 or chunk <= 0:
+            return _json({"error": "invalid_request"}, 400)
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        block = b"x" * chunk
+        remaining = n
+        try:
+            while remaining > 0:
+                piece = block if remaining >= chunk else block[:remaining]
+                await resp.write(piece)
+                remaining -= len(piece)
+            await resp.write_eof()
+        except ConnectionError:
+            log.debug("mock cloud: client hung up after %d of %d bytes", n - remaining, n)
+        return resp
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        """Consume the body in chunks; answer its length and SHA-256."""
+        length, digest = await _drain(request)
+        return _json({"received": length, "sha256": digest})
+
+    async def _sse(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: ``data: event i`` for i in 0..n-1, ``interval`` seconds apart."""
+        try:
+            n = int(request.query.get("n", "3"))
+            interval = float(request.query.get("interval", "0.5"))
+        except ValueError:
+            return _json({"error": "invalid_request"}, 400)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            for i in range(n):
+                if i and not await self._pause(interval):
+                    break
+                await resp.write(f"data: event {i}\n\n".encode())
+            await resp.write_eof()
+        except ConnectionError:
+            log.debug("mock cloud: client left the event stream")
+        return resp
+
+    async def _gzip(self, request: web.Request) -> web.StreamResponse:
+        """A gzip-encoded body that must reach the client still compressed."""
+        body = gzip.compress(b"hello gzip " * 100, mtime=0)
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+
+    async def _slow(self, request: web.Request) -> web.StreamResponse:
+        """Answer after ``seconds``."""
+        try:
+            seconds = float(request.query.get("seconds", "1"))
+        except ValueError:
+            return _json({"error": "invalid_request"}, 400)
+        await self._pause(seconds)
+        return _json({"slept": seconds})
+
+    async def _redirect(self, request: web.Request) -> web.StreamResponse:
+        """302 to ``base_url + to``: a redirect that stays inside the upstream."""
+        to = request.query.get("to", "/api/v1/echo")
+        raise web.HTTPFound(self._api_url(request) + to)
+
+    async def _redirect_external(self, request: web.Request) -> web.StreamResponse:
+        """302 to a host that is not the upstream."""
+        raise web.HTTPFound("https://elsewhere.example/x")
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        """WebSocket echo for text and binary frames."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._websockets.add(ws)
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    await ws.send_str(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+        finally:
+            self._websockets.discard(ws)
+        return ws
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        """Answer with the status named in the path."""
+        try:
+            code = int(request.match_info["code"])
+        except ValueError:
+            code = 0
+        if not 200 <= code <= 599:
+            return _json({"error": "invalid_request"}, 400)
+        if code in (204, 304):
+            return web.Response(status=code)
+        return _json({"status": code}, code)
+
+    # -- control endpoints ------------------------------------------------
+
+    @staticmethod
+    def _int_arg(request: web.Request, name: str, default: int) -> int:
+        """An integer query parameter, or a 400."""
+        try:
+            return int(request.query.get(name, str(default)))
+        except ValueError:
+            raise web.HTTPBadRequest(text=f"{name} must be an integer\n") from None
+
+    async def _ctl_revoke_refresh(self, request: web.Request) -> web.StreamResponse:
+        """HTTP twin of revoke_refresh_tokens()."""
+        self.revoke_refresh_tokens()
+        return _json({"ok": True})
+
+    async def _ctl_revoke_access(self, request: web.Request) -> web.StreamResponse:
+        """HTTP twin of revoke_access_tokens()."""
+        self.revoke_access_tokens()
+        return _json({"ok": True})
+
+    async def _ctl_fail_refresh(self, request: web.Request) -> web.StreamResponse:
+        """HTTP twin of fail_next_refreshes()."""
+        self.fail_next_refreshes(self._int_arg(request, "n", 1), self._int_arg(request, "status", 503))
+        return _json({"ok": True})
+
+    async def _ctl_hang_refresh(self, request: web.Request) -> web.StreamResponse:
+        """HTTP twin of hang_next_refreshes()."""
+        try:
+            seconds = float(request.query.get("seconds", "3600"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="seconds must be a number\n") from None
+        self.hang_next_refreshes(self._int_arg(request, "n", 1), seconds)
+        return _json({"ok": True})
+
+    async def _ctl_reject_refresh(self, request: web.Request) -> web.StreamResponse:
+        """HTTP twin of reject_next_refreshes()."""
+        self.reject_next_refreshes(self._int_arg(request, "n", 1))
+        return _json({"ok": True})
+
+    async def _ctl_stats(self, request: web.Request) -> web.StreamResponse:
+        """The counters; this request is not counted."""
+        return _json(self.stats())
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (0 picks a free port); return ``base_url``."""
+        # A fresh event per start: an Event is bound to the loop that first waits on it.
+        self._stopping = asyncio.Event()
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT,
+            # A client that hangs up cancels its handler: a hung refresh then
+            # never spends a token behind the back of a caller that gave up.
+            handler_cancellation=True,
+            # Echo and upload hash the bytes on the wire, compressed or not.
+            auto_decompress=False,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runner = runner
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.base_url = f"http://{shown}:{bound_port}{self.prefix}"
+        log.info("mock cloud listening on %s", self.base_url)
+        return self.base_url
+
+    async def stop(self) -> None:
+        """Stop listening; wake hanging handlers and close WebSockets first."""
+        self._stopping.set()
+        for ws in list(self._websockets):
+            await ws.close()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+
+async def run_mock_cloud(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8788,
+    access_ttl: float = DEFAULT_ACCESS_TTL,
+    refresh_ttl: float = DEFAULT_REFRESH_TTL,
+    prefix: str = "",
+    known_refresh_tokens: tuple[str, ...] = (),
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve a MockCloud until cancelled; call ``ready(base_url)`` once listening."""
+    cloud = MockCloud(access_ttl=access_ttl, refresh_ttl=refresh_ttl, prefix=prefix)
+    for token in known_refresh_tokens:
+        cloud.register_refresh_token(token)
+    base_url = await cloud.start(host, port)
+    try:
+        if ready is not None:
+            ready(base_url)
+        await asyncio.Event().wait()
+    finally:
+        await cloud.stop()
