@@ -438,9 +438,8 @@ class MockCloud:
         ``reject`` answers ``(0, "invalid_grant")``: the caller picks the
         flavor's status and revokes the chain it was shown.
         """
-        if self._hang.take():
-            if not await self._pause(self._hang.seconds):
-                return 503, "server_error"
+        if self._hang.take() and not await self._pause(self._hang.seconds):
+            return 503, "server_error"
         if self._fail.take():
             return self._fail.status, "server_error"
         if self._reject.take():
