@@ -8,9 +8,7 @@ import binascii
 import gzip
 import hashlib
 import html
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +19,8 @@ from urllib.parse import unquote_plus
 import orjson
 from aiohttp import WSMsgType, web
 from yarl import URL
+
+from sidecar.mockcloud.ledger import TokenLedger
 
 __all__ = ["DEFAULT_ACCESS_TTL", "DEFAULT_REFRESH_TTL", "MockCloud", "run_mock_cloud"]
 
@@ -45,23 +45,6 @@ _SHUTDOWN_TIMEOUT = 0.5
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass(slots=True, eq=False)
-class _Family:
-    """One login and every token rotated from it."""
-
-    id: int
-    revoked: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class _Grant:
-    """What the cloud remembers about one token value."""
-
-    family: _Family
-    expires_at: float
-    spent: bool = False
-
-
 @dataclass(slots=True)
 class _Switch:
     """A countdown test switch: the next ``remaining`` refresh calls misbehave."""
@@ -76,15 +59,6 @@ class _Switch:
             return False
         self.remaining -= 1
         return True
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """Result of presenting a refresh token: a new pair, or None when dead."""
-
-    access_token: str | None = None
-    refresh_token: str | None = None
-    expires_at: float = 0.0
 
 
 def _iso(ts: float) -> str:
@@ -162,10 +136,8 @@ class MockCloud:
         user: str = "alice",
         email: str = "alice@example.test",
     ) -> None:
-        self.access_ttl = access_ttl
-        self.refresh_ttl = refresh_ttl
+        self._ledger = TokenLedger(access_ttl=access_ttl, refresh_ttl=refresh_ttl, clock=clock)
         self.prefix = _normalize_prefix(prefix)
-        self.clock = clock
         self.user = user
         self.email = email
         self.base_url = ""
@@ -173,7 +145,6 @@ class MockCloud:
         self.refresh_calls = 0
         self.refresh_ok = 0
         self.requests_seen = 0
-        self.chain_revocations = 0
         self.last_echo_body_sha256: str | None = None
         self.last_oauth_form: dict[str, str] = {}
         self.last_oauth_basic: tuple[str, str] | None = None
@@ -184,11 +155,6 @@ class MockCloud:
         self.refresh_response_style = "camel"
         self.oauth_client: tuple[str, str] | None = None
 
-        self._families = itertools.count(1)
-        self._access: dict[str, _Grant] = {}
-        # Every token value ever handed out, for leak checks in tests.
-        self.minted: set[str] = set()
-        self._refresh: dict[str, _Grant] = {}
         self._codes: dict[str, str] = {}  # code -> "approved" | "consumed"
         self._fail = _Switch()
         self._hang = _Switch()
@@ -198,69 +164,71 @@ class MockCloud:
         self._runner: web.AppRunner | None = None
         self.app = self.make_app()
 
+    # -- the ledger's settings and counters, read and set as plain attributes
+
+    @property
+    def access_ttl(self) -> float:
+        """Seconds a new access token lives."""
+        return self._ledger.access_ttl
+
+    @access_ttl.setter
+    def access_ttl(self, value: float) -> None:
+        self._ledger.access_ttl = value
+
+    @property
+    def refresh_ttl(self) -> float:
+        """Seconds a new refresh token lives."""
+        return self._ledger.refresh_ttl
+
+    @refresh_ttl.setter
+    def refresh_ttl(self, value: float) -> None:
+        self._ledger.refresh_ttl = value
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The epoch-seconds clock every expiry check uses."""
+        return self._ledger.clock
+
+    @clock.setter
+    def clock(self, value: Callable[[], float]) -> None:
+        self._ledger.clock = value
+
+    @property
+    def minted(self) -> set[str]:
+        """Every token value ever handed out, for leak checks in tests."""
+        return self._ledger.minted
+
+    @minted.setter
+    def minted(self, value: set[str]) -> None:
+        self._ledger.minted = value
+
+    @property
+    def chain_revocations(self) -> int:
+        """How many login families a reused refresh token revoked."""
+        return self._ledger.chain_revocations
+
+    @chain_revocations.setter
+    def chain_revocations(self, value: int) -> None:
+        self._ledger.chain_revocations = value
+
     # -- tokens -----------------------------------------------------------
 
     def issue_pair(self, *, access_ttl: float | None = None) -> dict[str, str]:
         """Start a new login family; return ``accessToken``, ``refreshToken``, ``accessTokenExpiresAt``."""
-        family = _Family(next(self._families))
-        access, expires_at = self._new_access(family, access_ttl)
-        refresh = self._new_refresh(family)
+        pair = self._ledger.issue_pair(access_ttl=access_ttl)
         return {
-            "accessToken": access,
-            "refreshToken": refresh,
-            "accessTokenExpiresAt": _iso(expires_at),
+            "accessToken": pair.access_token,
+            "refreshToken": pair.refresh_token,
+            "accessTokenExpiresAt": _iso(pair.expires_at),
         }
 
     def register_refresh_token(self, token: str) -> None:
         """Accept ``token`` as the refresh token of a new login (seeding containers in examples)."""
-        self._refresh[token] = _Grant(_Family(next(self._families)), self.clock() + self.refresh_ttl)
-        self.minted.add(token)
-
-    def _new_access(self, family: _Family, ttl: float | None = None) -> tuple[str, float]:
-        """Mint an access token in ``family``; return it with its expiry."""
-        token = "at_" + secrets.token_urlsafe(32)
-        expires_at = self.clock() + (self.access_ttl if ttl is None else ttl)
-        self._access[token] = _Grant(family, expires_at)
-        self.minted.add(token)
-        return token, expires_at
-
-    def _new_refresh(self, family: _Family) -> str:
-        """Mint a refresh token in ``family``."""
-        token = "rt_" + secrets.token_urlsafe(32)
-        self._refresh[token] = _Grant(family, self.clock() + self.refresh_ttl)
-        self.minted.add(token)
-        return token
+        self._ledger.register_refresh_token(token)
 
     def access_token_valid(self, token: str | None) -> bool:
         """Whether ``token`` is a live access token right now."""
-        grant = self._access.get(token or "")
-        return grant is not None and not grant.family.revoked and self.clock() < grant.expires_at
-
-    def _revoke_family(self, family: _Family) -> None:
-        """Kill every token of one login."""
-        family.revoked = True
-        log.info("mock cloud: revoked login family %d", family.id)
-
-    def _rotate(self, refresh_token: str, *, rotate: bool = True) -> _Outcome | None:
-        """Spend ``refresh_token`` and mint the next pair, or None when it is dead.
-
-        A spent token presented again revokes its family (reuse detection).
-        """
-        grant = self._refresh.get(refresh_token)
-        if grant is None or grant.family.revoked:
-            return None
-        if grant.spent:
-            self.chain_revocations += 1
-            self._revoke_family(grant.family)
-            return None
-        if self.clock() >= grant.expires_at:
-            return None
-        access, expires_at = self._new_access(grant.family)
-        new_refresh: str | None = None
-        if rotate:
-            grant.spent = True
-            new_refresh = self._new_refresh(grant.family)
-        return _Outcome(access, new_refresh, expires_at)
+        return self._ledger.access_token_valid(token)
 
     # -- test switches ----------------------------------------------------
 
@@ -278,11 +246,11 @@ class MockCloud:
 
     def revoke_access_tokens(self) -> None:
         """Every access token issued so far stops working."""
-        self._access.clear()
+        self._ledger.revoke_access_tokens()
 
     def revoke_refresh_tokens(self) -> None:
         """Every refresh token issued so far stops working."""
-        self._refresh.clear()
+        self._ledger.revoke_refresh_tokens()
 
     def stats(self) -> dict[str, int]:
         """The counters, as ``GET /_mock/stats`` reports them."""
@@ -446,12 +414,6 @@ class MockCloud:
             return 0, "invalid_grant"
         return None
 
-    def _reject_chain(self, refresh_token: str) -> None:
-        """Revoke the family of ``refresh_token``, if it is one we issued."""
-        grant = self._refresh.get(refresh_token)
-        if grant is not None and not grant.family.revoked:
-            self._revoke_family(grant.family)
-
     async def _switched_answer(self, refresh_token: str, *, dead_status: int) -> web.Response | None:
         """The answer a flipped test switch dictates for this refresh call, if any."""
         switched = await self._switches()
@@ -459,7 +421,7 @@ class MockCloud:
             return None
         status, error = switched
         if error == "invalid_grant":
-            self._reject_chain(refresh_token)
+            self._ledger.revoke_chain(refresh_token)
             status = dead_status
         return _json({"error": error}, status)
 
@@ -477,7 +439,7 @@ class MockCloud:
         if switched is not None:
             return switched
         style = self.refresh_response_style
-        outcome = self._rotate(refresh_token, rotate=style != "no_rotation")
+        outcome = self._ledger.redeem(refresh_token, rotate=style != "no_rotation")
         if outcome is None:
             return _json({"error": "invalid_grant"}, 403)
         self.refresh_ok += 1
@@ -530,7 +492,7 @@ class MockCloud:
         switched = await self._switched_answer(refresh_token, dead_status=400)
         if switched is not None:
             return switched
-        outcome = self._rotate(refresh_token, rotate=self.refresh_response_style != "no_rotation")
+        outcome = self._ledger.redeem(refresh_token, rotate=self.refresh_response_style != "no_rotation")
         if outcome is None:
             return _json({"error": "invalid_grant"}, 400)
         self.refresh_ok += 1
