@@ -11,7 +11,6 @@ import html
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
@@ -21,6 +20,8 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from sidecar.mockcloud.ledger import TokenLedger
+from sidecar.mockcloud.stopping import StopSignal
+from sidecar.mockcloud.switches import Countdown, RefreshSwitches
 
 __all__ = ["DEFAULT_ACCESS_TTL", "DEFAULT_REFRESH_TTL", "MockCloud", "run_mock_cloud"]
 
@@ -43,22 +44,6 @@ _DEFAULT_CHUNK = 65536
 _SHUTDOWN_TIMEOUT = 0.5
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(slots=True)
-class _Switch:
-    """A countdown test switch: the next ``remaining`` refresh calls misbehave."""
-
-    remaining: int = 0
-    status: int = 503
-    seconds: float = 0.0
-
-    def take(self) -> bool:
-        """Consume one use; true when this call is affected."""
-        if self.remaining <= 0:
-            return False
-        self.remaining -= 1
-        return True
 
 
 def _iso(ts: float) -> str:
@@ -156,10 +141,8 @@ class MockCloud:
         self.oauth_client: tuple[str, str] | None = None
 
         self._codes: dict[str, str] = {}  # code -> "approved" | "consumed"
-        self._fail = _Switch()
-        self._hang = _Switch()
-        self._reject = _Switch()
-        self._stopping = asyncio.Event()
+        self._refresh_switches = RefreshSwitches()
+        self._stop_signal = StopSignal()
         self._websockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.app = self.make_app()
@@ -234,15 +217,15 @@ class MockCloud:
 
     def fail_next_refreshes(self, n: int, status: int = 503) -> None:
         """The next ``n`` refresh calls answer ``status`` with ``{"error": "server_error"}``."""
-        self._fail = _Switch(n, status=status)
+        self._refresh_switches.fail = Countdown(n, status=status)
 
     def hang_next_refreshes(self, n: int, seconds: float = 3600) -> None:
         """The next ``n`` refresh calls wait ``seconds`` (or until stop()) before answering."""
-        self._hang = _Switch(n, seconds=seconds)
+        self._refresh_switches.hang = Countdown(n, seconds=seconds)
 
     def reject_next_refreshes(self, n: int) -> None:
         """The next ``n`` refresh calls answer invalid_grant and revoke the presented chain."""
-        self._reject = _Switch(n)
+        self._refresh_switches.reject = Countdown(n)
 
     def revoke_access_tokens(self) -> None:
         """Every access token issued so far stops working."""
@@ -260,14 +243,6 @@ class MockCloud:
             "requests_seen": self.requests_seen,
             "chain_revocations": self.chain_revocations,
         }
-
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep ``seconds`` unless stop() starts first; true when the sleep ran out."""
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=max(seconds, 0.0))
-        except TimeoutError:
-            return True
-        return False
 
     # -- app --------------------------------------------------------------
 
@@ -400,30 +375,15 @@ class MockCloud:
 
     # -- refresh ----------------------------------------------------------
 
-    async def _switches(self) -> tuple[int, str] | None:
-        """Apply hang/fail/reject switches; return (status, error) to answer, or None to proceed.
-
-        ``reject`` answers ``(0, "invalid_grant")``: the caller picks the
-        flavor's status and revokes the chain it was shown.
-        """
-        if self._hang.take() and not await self._pause(self._hang.seconds):
-            return 503, "server_error"
-        if self._fail.take():
-            return self._fail.status, "server_error"
-        if self._reject.take():
-            return 0, "invalid_grant"
-        return None
-
     async def _switched_answer(self, refresh_token: str, *, dead_status: int) -> web.Response | None:
         """The answer a flipped test switch dictates for this refresh call, if any."""
-        switched = await self._switches()
-        if switched is None:
+        misbehaviour = await self._refresh_switches.take(self._stop_signal.pause)
+        if misbehaviour is None:
             return None
-        status, error = switched
-        if error == "invalid_grant":
+        if misbehaviour.status is None:
             self._ledger.revoke_chain(refresh_token)
-            status = dead_status
-        return _json({"error": error}, status)
+            return _json({"error": misbehaviour.error}, dead_status)
+        return _json({"error": misbehaviour.error}, misbehaviour.status)
 
     async def _relay_refresh(self, request: web.Request) -> web.StreamResponse:
         """Relay flavor: JSON ``{"refreshToken"}`` in, the rotated pair out."""
@@ -578,7 +538,7 @@ class MockCloud:
         await resp.prepare(request)
         try:
             for i in range(n):
-                if i and not await self._pause(interval):
+                if i and not await self._stop_signal.pause(interval):
                     break
                 await resp.write(f"data: event {i}\n\n".encode())
             await resp.write_eof()
@@ -597,7 +557,7 @@ class MockCloud:
             seconds = float(request.query.get("seconds", "1"))
         except ValueError:
             return _json({"error": "invalid_request"}, 400)
-        await self._pause(seconds)
+        await self._stop_signal.pause(seconds)
         return _json({"slept": seconds})
 
     async def _redirect(self, request: web.Request) -> web.StreamResponse:
@@ -683,8 +643,7 @@ class MockCloud:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 picks a free port); return ``base_url``."""
-        # A fresh event per start: an Event is bound to the loop that first waits on it.
-        self._stopping = asyncio.Event()
+        self._stop_signal.reset()
         runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -707,7 +666,7 @@ class MockCloud:
 
     async def stop(self) -> None:
         """Stop listening; wake hanging handlers and close WebSockets first."""
-        self._stopping.set()
+        self._stop_signal.stop()
         for ws in list(self._websockets):
             await ws.close()
         if self._runner is not None:
