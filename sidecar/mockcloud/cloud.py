@@ -7,21 +7,20 @@ import base64
 import binascii
 import gzip
 import hashlib
-import html
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import WSMsgType, web
-from yarl import URL
 
 from sidecar.mockcloud.ledger import TokenLedger
+from sidecar.mockcloud.login import LoginRoutes
 from sidecar.mockcloud.stopping import StopSignal
 from sidecar.mockcloud.switches import Countdown, RefreshSwitches
+from sidecar.mockcloud.wire import Handler, iso_timestamp, json_response
 
 __all__ = ["DEFAULT_ACCESS_TTL", "DEFAULT_REFRESH_TTL", "MockCloud", "run_mock_cloud"]
 
@@ -32,10 +31,6 @@ log = logging.getLogger("sidecar.mockcloud")
 DEFAULT_ACCESS_TTL = 86400.0
 DEFAULT_REFRESH_TTL = 7 * 86400.0
 
-# Hosts a browser-login redirect may point at: the login command's loopback
-# listener, never anywhere else (an open redirect would leak the tokens).
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
 # Big enough that a 1 GiB stream is ~16k writes, small enough to stay cheap.
 _DEFAULT_CHUNK = 65536
 
@@ -43,22 +38,10 @@ _DEFAULT_CHUNK = 65536
 # woken explicitly, so this only bounds stragglers such as open streams.
 _SHUTDOWN_TIMEOUT = 0.5
 
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _iso(ts: float) -> str:
-    """ISO 8601 UTC with milliseconds and a ``Z``, like JavaScript's toISOString()."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
 
 def _seconds(value: float) -> int | float:
     """A duration as JSON wants it: an integer when whole."""
     return int(value) if float(value).is_integer() else value
-
-
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    """A JSON response serialized with orjson."""
-    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
 
 
 def _normalize_prefix(prefix: str) -> str:
@@ -140,7 +123,7 @@ class MockCloud:
         self.refresh_response_style = "camel"
         self.oauth_client: tuple[str, str] | None = None
 
-        self._codes: dict[str, str] = {}  # code -> "approved" | "consumed"
+        self._login = LoginRoutes(self)
         self._refresh_switches = RefreshSwitches()
         self._stop_signal = StopSignal()
         self._websockets: set[web.WebSocketResponse] = set()
@@ -202,7 +185,7 @@ class MockCloud:
         return {
             "accessToken": pair.access_token,
             "refreshToken": pair.refresh_token,
-            "accessTokenExpiresAt": _iso(pair.expires_at),
+            "accessTokenExpiresAt": iso_timestamp(pair.expires_at),
         }
 
     def register_refresh_token(self, token: str) -> None:
@@ -250,7 +233,7 @@ class MockCloud:
         """Build the aiohttp application with every route under ``prefix``."""
         app = web.Application(middlewares=[self._count_requests])
         p = self.prefix
-        protected: list[tuple[str, str, _Handler]] = [
+        protected: list[tuple[str, str, Handler]] = [
             ("*", "/api/v1/echo", self._echo),
             ("*", "/api/v1/echo/{tail:.*}", self._echo),
             ("GET", "/api/v1/bytes", self._bytes),
@@ -266,9 +249,7 @@ class MockCloud:
         ]
         for method, path, handler in protected:
             app.router.add_route(method, p + path, self._protected(handler))
-        app.router.add_get(p + "/api/v1/cli/login", self._login)
-        app.router.add_get(p + "/cli-login", self._approve_page)
-        app.router.add_get(p + "/api/v1/auth/cli-login/poll", self._poll)
+        self._login.add_to(app.router, p)
         app.router.add_post(p + "/api/v1/auth/token/refresh", self._relay_refresh)
         app.router.add_post(p + "/oauth/token", self._oauth_refresh)
         app.router.add_get(p + "/api/v1/auth/whoami", self._whoami)
@@ -281,7 +262,7 @@ class MockCloud:
         return app
 
     @web.middleware
-    async def _count_requests(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+    async def _count_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Count every request except the control endpoints, and hide client hang-ups."""
         if not request.path.startswith(self.prefix + "/_mock/"):
             self.requests_seen += 1
@@ -295,7 +276,7 @@ class MockCloud:
             log.debug("mock cloud: client hung up on %s", request.path)
             return web.Response(status=400)
 
-    def _protected(self, handler: _Handler) -> _Handler:
+    def _protected(self, handler: Handler) -> Handler:
         """Wrap ``handler`` so it runs only with a live bearer token."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -305,7 +286,7 @@ class MockCloud:
                 # Read the body before refusing, so a client still streaming a
                 # large upload gets the 401 instead of a reset connection.
                 await _drain(request)
-            return _json(
+            return json_response(
                 {"error": "invalid_token"},
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
@@ -313,65 +294,9 @@ class MockCloud:
 
         return guarded
 
-    def _api_url(self, request: web.Request) -> str:
+    def api_url(self, request: web.Request) -> str:
         """The base URL clients should use: ``base_url`` once started, else what the request says."""
         return self.base_url or f"{request.scheme}://{request.host}{self.prefix}"
-
-    # -- login ------------------------------------------------------------
-
-    async def _login(self, request: web.Request) -> web.StreamResponse:
-        """Browser login: redirect to the loopback ``redirect_uri`` with a new pair or an error."""
-        redirect_uri = request.query.get("redirect_uri", "")
-        state = request.query.get("state", "")
-        try:
-            target = URL(redirect_uri)
-        except ValueError:
-            target = URL()
-        if target.scheme != "http" or target.host not in _LOOPBACK_HOSTS:
-            return _json({"error": "invalid_request", "detail": "redirect_uri must be loopback"}, 400)
-        if self.login_error is not None:
-            raise web.HTTPFound(str(target.extend_query(error=self.login_error, state=state)))
-        pair = self.issue_pair()
-        query = {
-            "state": state,
-            "access_token": pair["accessToken"],
-            "refresh_token": pair["refreshToken"],
-            "access_token_expires_at": pair["accessTokenExpiresAt"],
-            "api_url": self._api_url(request),
-        }
-        if self.login_omit_expiry:
-            del query["access_token_expires_at"]
-        raise web.HTTPFound(str(target.extend_query(query)))
-
-    async def _approve_page(self, request: web.Request) -> web.StreamResponse:
-        """Headless login, the user's side: opening the page approves the code."""
-        code = request.query.get("code", "")
-        if not code:
-            return web.Response(status=400, text="missing code\n")
-        if self._codes.get(code) != "consumed":
-            self._codes[code] = "approved"
-        page = (
-            "<!doctype html><title>sidecar login</title>"
-            f"<p>Approved. Code <code>{html.escape(code)}</code>; "
-            "you can close this page and return to the terminal.</p>\n"
-        )
-        return web.Response(text=page, content_type="text/html")
-
-    async def _poll(self, request: web.Request) -> web.StreamResponse:
-        """Headless login, the CLI's side: pending until approved, then the pair exactly once."""
-        if self.poll_error is not None:
-            return _json({"error": self.poll_error}, 400)
-        code = request.query.get("code", "")
-        if not code:
-            return _json({"error": "invalid_request"}, 400)
-        state = self._codes.get(code)
-        if state == "consumed":
-            return _json({"error": "expired_code"}, 410)
-        if state != "approved":
-            # Unknown codes are pending: the CLI polls before the user opens the page.
-            return _json({"status": "pending"}, 202)
-        self._codes[code] = "consumed"
-        return _json(self.issue_pair())
 
     # -- refresh ----------------------------------------------------------
 
@@ -382,8 +307,8 @@ class MockCloud:
             return None
         if misbehaviour.status is None:
             self._ledger.revoke_chain(refresh_token)
-            return _json({"error": misbehaviour.error}, dead_status)
-        return _json({"error": misbehaviour.error}, misbehaviour.status)
+            return json_response({"error": misbehaviour.error}, dead_status)
+        return json_response({"error": misbehaviour.error}, misbehaviour.status)
 
     async def _relay_refresh(self, request: web.Request) -> web.StreamResponse:
         """Relay flavor: JSON ``{"refreshToken"}`` in, the rotated pair out."""
@@ -394,16 +319,16 @@ class MockCloud:
             body = None
         refresh_token = body.get("refreshToken") if isinstance(body, dict) else None
         if not isinstance(refresh_token, str) or not refresh_token:
-            return _json({"error": "invalid_request"}, 400)
+            return json_response({"error": "invalid_request"}, 400)
         switched = await self._switched_answer(refresh_token, dead_status=403)
         if switched is not None:
             return switched
         style = self.refresh_response_style
         outcome = self._ledger.redeem(refresh_token, rotate=style != "no_rotation")
         if outcome is None:
-            return _json({"error": "invalid_grant"}, 403)
+            return json_response({"error": "invalid_grant"}, 403)
         self.refresh_ok += 1
-        expires_at = _iso(outcome.expires_at)
+        expires_at = iso_timestamp(outcome.expires_at)
         data: dict[str, Any]
         if style == "snake":
             data = {
@@ -425,7 +350,7 @@ class MockCloud:
                 "refreshToken": outcome.refresh_token,
                 "accessTokenExpiresAt": expires_at,
             }
-        return _json(data)
+        return json_response(data)
 
     async def _oauth_refresh(self, request: web.Request) -> web.StreamResponse:
         """OAuth2 flavor (RFC 6749 §6): form in, ``access_token``/``refresh_token``/``expires_in`` out."""
@@ -439,22 +364,22 @@ class MockCloud:
                 form.get("client_secret", ""),
             )
             if presented != self.oauth_client:
-                return _json(
+                return json_response(
                     {"error": "invalid_client"},
                     401,
                     headers={"WWW-Authenticate": 'Basic realm="mock-cloud"'},
                 )
         if form.get("grant_type") != "refresh_token":
-            return _json({"error": "unsupported_grant_type"}, 400)
+            return json_response({"error": "unsupported_grant_type"}, 400)
         refresh_token = form.get("refresh_token", "")
         if not refresh_token:
-            return _json({"error": "invalid_request"}, 400)
+            return json_response({"error": "invalid_request"}, 400)
         switched = await self._switched_answer(refresh_token, dead_status=400)
         if switched is not None:
             return switched
         outcome = self._ledger.redeem(refresh_token, rotate=self.refresh_response_style != "no_rotation")
         if outcome is None:
-            return _json({"error": "invalid_grant"}, 400)
+            return json_response({"error": "invalid_grant"}, 400)
         self.refresh_ok += 1
         data: dict[str, Any] = {
             "access_token": outcome.access_token,
@@ -465,17 +390,17 @@ class MockCloud:
             data["refresh_token"] = outcome.refresh_token
         if "scope" in form:
             data["scope"] = form["scope"]
-        return _json(data, headers={"Cache-Control": "no-store"})
+        return json_response(data, headers={"Cache-Control": "no-store"})
 
     async def _whoami(self, request: web.Request) -> web.StreamResponse:
         """Who the bearer token belongs to."""
         if not self.access_token_valid(_bearer(request)):
-            return _json(
+            return json_response(
                 {"error": "invalid_token"},
                 401,
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
-        return _json({"name": self.user, "email": self.email})
+        return json_response({"name": self.user, "email": self.email})
 
     # -- protected test endpoints -----------------------------------------
 
@@ -485,7 +410,7 @@ class MockCloud:
         length, digest = await _drain(request)
         self.last_echo_body_sha256 = digest
         transfer_encoding = request.headers.get("Transfer-Encoding", "").lower()
-        return _json(
+        return json_response(
             {
                 "method": request.method,
                 "path": path,
@@ -504,9 +429,9 @@ class MockCloud:
             n = int(request.query.get("n", "0"))
             chunk = int(request.query.get("chunk", str(_DEFAULT_CHUNK)))
         except ValueError:
-            return _json({"error": "invalid_request"}, 400)
+            return json_response({"error": "invalid_request"}, 400)
         if n < 0 or chunk <= 0:
-            return _json({"error": "invalid_request"}, 400)
+            return json_response({"error": "invalid_request"}, 400)
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
@@ -525,7 +450,7 @@ class MockCloud:
     async def _upload(self, request: web.Request) -> web.StreamResponse:
         """Consume the body in chunks; answer its length and SHA-256."""
         length, digest = await _drain(request)
-        return _json({"received": length, "sha256": digest})
+        return json_response({"received": length, "sha256": digest})
 
     async def _sse(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: ``data: event i`` for i in 0..n-1, ``interval`` seconds apart."""
@@ -533,7 +458,7 @@ class MockCloud:
             n = int(request.query.get("n", "3"))
             interval = float(request.query.get("interval", "0.5"))
         except ValueError:
-            return _json({"error": "invalid_request"}, 400)
+            return json_response({"error": "invalid_request"}, 400)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
@@ -556,14 +481,14 @@ class MockCloud:
         try:
             seconds = float(request.query.get("seconds", "1"))
         except ValueError:
-            return _json({"error": "invalid_request"}, 400)
+            return json_response({"error": "invalid_request"}, 400)
         await self._stop_signal.pause(seconds)
-        return _json({"slept": seconds})
+        return json_response({"slept": seconds})
 
     async def _redirect(self, request: web.Request) -> web.StreamResponse:
         """302 to ``base_url + to``: a redirect that stays inside the upstream."""
         to = request.query.get("to", "/api/v1/echo")
-        raise web.HTTPFound(self._api_url(request) + to)
+        raise web.HTTPFound(self.api_url(request) + to)
 
     async def _redirect_external(self, request: web.Request) -> web.StreamResponse:
         """302 to a host that is not the upstream."""
@@ -591,10 +516,10 @@ class MockCloud:
         except ValueError:
             code = 0
         if not 200 <= code <= 599:
-            return _json({"error": "invalid_request"}, 400)
+            return json_response({"error": "invalid_request"}, 400)
         if code in (204, 304):
             return web.Response(status=code)
-        return _json({"status": code}, code)
+        return json_response({"status": code}, code)
 
     # -- control endpoints ------------------------------------------------
 
@@ -609,17 +534,17 @@ class MockCloud:
     async def _ctl_revoke_refresh(self, request: web.Request) -> web.StreamResponse:
         """HTTP twin of revoke_refresh_tokens()."""
         self.revoke_refresh_tokens()
-        return _json({"ok": True})
+        return json_response({"ok": True})
 
     async def _ctl_revoke_access(self, request: web.Request) -> web.StreamResponse:
         """HTTP twin of revoke_access_tokens()."""
         self.revoke_access_tokens()
-        return _json({"ok": True})
+        return json_response({"ok": True})
 
     async def _ctl_fail_refresh(self, request: web.Request) -> web.StreamResponse:
         """HTTP twin of fail_next_refreshes()."""
         self.fail_next_refreshes(self._int_arg(request, "n", 1), self._int_arg(request, "status", 503))
-        return _json({"ok": True})
+        return json_response({"ok": True})
 
     async def _ctl_hang_refresh(self, request: web.Request) -> web.StreamResponse:
         """HTTP twin of hang_next_refreshes()."""
@@ -628,16 +553,16 @@ class MockCloud:
         except ValueError:
             raise web.HTTPBadRequest(text="seconds must be a number\n") from None
         self.hang_next_refreshes(self._int_arg(request, "n", 1), seconds)
-        return _json({"ok": True})
+        return json_response({"ok": True})
 
     async def _ctl_reject_refresh(self, request: web.Request) -> web.StreamResponse:
         """HTTP twin of reject_next_refreshes()."""
         self.reject_next_refreshes(self._int_arg(request, "n", 1))
-        return _json({"ok": True})
+        return json_response({"ok": True})
 
     async def _ctl_stats(self, request: web.Request) -> web.StreamResponse:
         """The counters; this request is not counted."""
-        return _json(self.stats())
+        return json_response(self.stats())
 
     # -- lifecycle --------------------------------------------------------
 
