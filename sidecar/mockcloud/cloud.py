@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import gzip
 import hashlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
-from urllib.parse import unquote_plus
 
-import orjson
 from aiohttp import WSMsgType, web
 
 from sidecar.mockcloud.ledger import TokenLedger
 from sidecar.mockcloud.login import LoginRoutes
+from sidecar.mockcloud.refresh import RefreshRoutes
 from sidecar.mockcloud.stopping import StopSignal
 from sidecar.mockcloud.switches import Countdown, RefreshSwitches
 from sidecar.mockcloud.wire import Handler, iso_timestamp, json_response
@@ -39,11 +35,6 @@ _DEFAULT_CHUNK = 65536
 _SHUTDOWN_TIMEOUT = 0.5
 
 
-def _seconds(value: float) -> int | float:
-    """A duration as JSON wants it: an integer when whole."""
-    return int(value) if float(value).is_integer() else value
-
-
 def _normalize_prefix(prefix: str) -> str:
     """``""`` or ``"/cloud"``: a leading slash and no trailing one."""
     prefix = prefix.strip().rstrip("/")
@@ -58,21 +49,6 @@ def _bearer(request: web.Request) -> str | None:
     if scheme.lower() != "bearer" or not value.strip():
         return None
     return value.strip()
-
-
-def _basic(request: web.Request) -> tuple[str, str] | None:
-    """HTTP Basic client credentials, form-decoded as RFC 6749 §2.3.1 says, or None."""
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, sep, password = decoded.partition(":")
-    if not sep:
-        return None
-    return unquote_plus(user), unquote_plus(password)
 
 
 async def _drain(request: web.Request) -> tuple[int, str]:
@@ -123,9 +99,10 @@ class MockCloud:
         self.refresh_response_style = "camel"
         self.oauth_client: tuple[str, str] | None = None
 
-        self._login = LoginRoutes(self)
         self._refresh_switches = RefreshSwitches()
         self._stop_signal = StopSignal()
+        self._login = LoginRoutes(self)
+        self._refresh = RefreshRoutes(self, self._ledger, self._refresh_switches, self._stop_signal.pause)
         self._websockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.app = self.make_app()
@@ -250,8 +227,7 @@ class MockCloud:
         for method, path, handler in protected:
             app.router.add_route(method, p + path, self._protected(handler))
         self._login.add_to(app.router, p)
-        app.router.add_post(p + "/api/v1/auth/token/refresh", self._relay_refresh)
-        app.router.add_post(p + "/oauth/token", self._oauth_refresh)
+        self._refresh.add_to(app.router, p)
         app.router.add_get(p + "/api/v1/auth/whoami", self._whoami)
         app.router.add_post(p + "/_mock/revoke-refresh", self._ctl_revoke_refresh)
         app.router.add_post(p + "/_mock/revoke-access", self._ctl_revoke_access)
@@ -297,100 +273,6 @@ class MockCloud:
     def api_url(self, request: web.Request) -> str:
         """The base URL clients should use: ``base_url`` once started, else what the request says."""
         return self.base_url or f"{request.scheme}://{request.host}{self.prefix}"
-
-    # -- refresh ----------------------------------------------------------
-
-    async def _switched_answer(self, refresh_token: str, *, dead_status: int) -> web.Response | None:
-        """The answer a flipped test switch dictates for this refresh call, if any."""
-        misbehaviour = await self._refresh_switches.take(self._stop_signal.pause)
-        if misbehaviour is None:
-            return None
-        if misbehaviour.status is None:
-            self._ledger.revoke_chain(refresh_token)
-            return json_response({"error": misbehaviour.error}, dead_status)
-        return json_response({"error": misbehaviour.error}, misbehaviour.status)
-
-    async def _relay_refresh(self, request: web.Request) -> web.StreamResponse:
-        """Relay flavor: JSON ``{"refreshToken"}`` in, the rotated pair out."""
-        self.refresh_calls += 1
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            body = None
-        refresh_token = body.get("refreshToken") if isinstance(body, dict) else None
-        if not isinstance(refresh_token, str) or not refresh_token:
-            return json_response({"error": "invalid_request"}, 400)
-        switched = await self._switched_answer(refresh_token, dead_status=403)
-        if switched is not None:
-            return switched
-        style = self.refresh_response_style
-        outcome = self._ledger.redeem(refresh_token, rotate=style != "no_rotation")
-        if outcome is None:
-            return json_response({"error": "invalid_grant"}, 403)
-        self.refresh_ok += 1
-        expires_at = iso_timestamp(outcome.expires_at)
-        data: dict[str, Any]
-        if style == "snake":
-            data = {
-                "access_token": outcome.access_token,
-                "refresh_token": outcome.refresh_token,
-                "access_token_expires_at": expires_at,
-            }
-        elif style == "expires_in":
-            data = {
-                "accessToken": outcome.access_token,
-                "refreshToken": outcome.refresh_token,
-                "expires_in": _seconds(self.access_ttl),
-            }
-        elif style == "no_rotation":
-            data = {"accessToken": outcome.access_token, "accessTokenExpiresAt": expires_at}
-        else:
-            data = {
-                "accessToken": outcome.access_token,
-                "refreshToken": outcome.refresh_token,
-                "accessTokenExpiresAt": expires_at,
-            }
-        return json_response(data)
-
-    async def _oauth_refresh(self, request: web.Request) -> web.StreamResponse:
-        """OAuth2 flavor (RFC 6749 §6): form in, ``access_token``/``refresh_token``/``expires_in`` out."""
-        self.refresh_calls += 1
-        form = {k: str(v) for k, v in (await request.post()).items()}
-        self.last_oauth_form = form
-        self.last_oauth_basic = _basic(request)
-        if self.oauth_client is not None:
-            presented = self.last_oauth_basic or (
-                form.get("client_id", ""),
-                form.get("client_secret", ""),
-            )
-            if presented != self.oauth_client:
-                return json_response(
-                    {"error": "invalid_client"},
-                    401,
-                    headers={"WWW-Authenticate": 'Basic realm="mock-cloud"'},
-                )
-        if form.get("grant_type") != "refresh_token":
-            return json_response({"error": "unsupported_grant_type"}, 400)
-        refresh_token = form.get("refresh_token", "")
-        if not refresh_token:
-            return json_response({"error": "invalid_request"}, 400)
-        switched = await self._switched_answer(refresh_token, dead_status=400)
-        if switched is not None:
-            return switched
-        outcome = self._ledger.redeem(refresh_token, rotate=self.refresh_response_style != "no_rotation")
-        if outcome is None:
-            return json_response({"error": "invalid_grant"}, 400)
-        self.refresh_ok += 1
-        data: dict[str, Any] = {
-            "access_token": outcome.access_token,
-            "token_type": "Bearer",
-            "expires_in": _seconds(self.access_ttl),
-        }
-        if outcome.refresh_token is not None:
-            data["refresh_token"] = outcome.refresh_token
-        if "scope" in form:
-            data["scope"] = form["scope"]
-        return json_response(data, headers={"Cache-Control": "no-store"})
 
     async def _whoami(self, request: web.Request) -> web.StreamResponse:
         """Who the bearer token belongs to."""
