@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
-import hashlib
 import logging
 import time
 from collections.abc import Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
+from sidecar.mockcloud.api import ApiRoutes
 from sidecar.mockcloud.ledger import TokenLedger
 from sidecar.mockcloud.login import LoginRoutes
 from sidecar.mockcloud.refresh import RefreshRoutes
@@ -27,9 +26,6 @@ log = logging.getLogger("sidecar.mockcloud")
 DEFAULT_ACCESS_TTL = 86400.0
 DEFAULT_REFRESH_TTL = 7 * 86400.0
 
-# Big enough that a 1 GiB stream is ~16k writes, small enough to stay cheap.
-_DEFAULT_CHUNK = 65536
-
 # In-flight handlers get this long to finish on stop(); the hang switches are
 # woken explicitly, so this only bounds stragglers such as open streams.
 _SHUTDOWN_TIMEOUT = 0.5
@@ -41,24 +37,6 @@ def _normalize_prefix(prefix: str) -> str:
     if prefix and not prefix.startswith("/"):
         prefix = "/" + prefix
     return prefix
-
-
-def _bearer(request: web.Request) -> str | None:
-    """The bearer token from ``Authorization``, or None."""
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()
-
-
-async def _drain(request: web.Request) -> tuple[int, str]:
-    """Read the request body in chunks; return its length and SHA-256 hex."""
-    digest = hashlib.sha256()
-    n = 0
-    async for chunk in request.content.iter_chunked(_DEFAULT_CHUNK):
-        digest.update(chunk)
-        n += len(chunk)
-    return n, digest.hexdigest()
 
 
 class MockCloud:
@@ -101,9 +79,9 @@ class MockCloud:
 
         self._refresh_switches = RefreshSwitches()
         self._stop_signal = StopSignal()
+        self._api = ApiRoutes(self, self._stop_signal.pause, bytes_handler=self._bytes)
         self._login = LoginRoutes(self)
         self._refresh = RefreshRoutes(self, self._ledger, self._refresh_switches, self._stop_signal.pause)
-        self._websockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.app = self.make_app()
 
@@ -210,25 +188,9 @@ class MockCloud:
         """Build the aiohttp application with every route under ``prefix``."""
         app = web.Application(middlewares=[self._count_requests])
         p = self.prefix
-        protected: list[tuple[str, str, Handler]] = [
-            ("*", "/api/v1/echo", self._echo),
-            ("*", "/api/v1/echo/{tail:.*}", self._echo),
-            ("GET", "/api/v1/bytes", self._bytes),
-            ("POST", "/api/v1/upload", self._upload),
-            ("PUT", "/api/v1/upload", self._upload),
-            ("GET", "/api/v1/sse", self._sse),
-            ("GET", "/api/v1/gzip", self._gzip),
-            ("GET", "/api/v1/slow", self._slow),
-            ("GET", "/api/v1/redirect", self._redirect),
-            ("GET", "/api/v1/redirect-external", self._redirect_external),
-            ("GET", "/api/v1/ws", self._ws),
-            ("*", "/api/v1/status/{code}", self._status),
-        ]
-        for method, path, handler in protected:
-            app.router.add_route(method, p + path, self._protected(handler))
+        self._api.add_to(app.router, p)
         self._login.add_to(app.router, p)
         self._refresh.add_to(app.router, p)
-        app.router.add_get(p + "/api/v1/auth/whoami", self._whoami)
         app.router.add_post(p + "/_mock/revoke-refresh", self._ctl_revoke_refresh)
         app.router.add_post(p + "/_mock/revoke-access", self._ctl_revoke_access)
         app.router.add_post(p + "/_mock/fail-refresh", self._ctl_fail_refresh)
@@ -252,156 +214,17 @@ class MockCloud:
             log.debug("mock cloud: client hung up on %s", request.path)
             return web.Response(status=400)
 
-    def _protected(self, handler: Handler) -> Handler:
-        """Wrap ``handler`` so it runs only with a live bearer token."""
-
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            if self.access_token_valid(_bearer(request)):
-                return await handler(request)
-            if request.can_read_body:
-                # Read the body before refusing, so a client still streaming a
-                # large upload gets the 401 instead of a reset connection.
-                await _drain(request)
-            return json_response(
-                {"error": "invalid_token"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-
-        return guarded
-
     def api_url(self, request: web.Request) -> str:
         """The base URL clients should use: ``base_url`` once started, else what the request says."""
         return self.base_url or f"{request.scheme}://{request.host}{self.prefix}"
 
-    async def _whoami(self, request: web.Request) -> web.StreamResponse:
-        """Who the bearer token belongs to."""
-        if not self.access_token_valid(_bearer(request)):
-            return json_response(
-                {"error": "invalid_token"},
-                401,
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        return json_response({"name": self.user, "email": self.email})
-
-    # -- protected test endpoints -----------------------------------------
-
-    async def _echo(self, request: web.Request) -> web.StreamResponse:
-        """Report the request exactly as it arrived: raw path, raw query, raw headers, body hash."""
-        path, _, raw_query = request.raw_path.partition("?")
-        length, digest = await _drain(request)
-        self.last_echo_body_sha256 = digest
-        transfer_encoding = request.headers.get("Transfer-Encoding", "").lower()
-        return json_response(
-            {
-                "method": request.method,
-                "path": path,
-                "raw_query": raw_query,
-                "headers": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in request.raw_headers],
-                "authorization": request.headers.get("Authorization"),
-                "body_sha256": digest,
-                "body_length": length,
-                "chunked": "chunked" in transfer_encoding,
-            }
-        )
-
     async def _bytes(self, request: web.Request) -> web.StreamResponse:
-        """Stream ``n`` bytes of ``b"x"`` in ``chunk``-sized writes, chunked, never buffered."""
-        try:
-            n = int(request.query.get("n", "0"))
-            chunk = int(request.query.get("chunk", str(_DEFAULT_CHUNK)))
-        except ValueError:
-            return json_response({"error": "invalid_request"}, 400)
-        if n < 0 or chunk <= 0:
-            return json_response({"error": "invalid_request"}, 400)
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        block = b"x" * chunk
-        remaining = n
-        try:
-            while remaining > 0:
-                piece = block if remaining >= chunk else block[:remaining]
-                await resp.write(piece)
-                remaining -= len(piece)
-            await resp.write_eof()
-        except ConnectionError:
-            log.debug("mock cloud: client hung up after %d of %d bytes", n - remaining, n)
-        return resp
+        """``GET /api/v1/bytes``, behind the bearer check.
 
-    async def _upload(self, request: web.Request) -> web.StreamResponse:
-        """Consume the body in chunks; answer its length and SHA-256."""
-        length, digest = await _drain(request)
-        return json_response({"received": length, "sha256": digest})
-
-    async def _sse(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: ``data: event i`` for i in 0..n-1, ``interval`` seconds apart."""
-        try:
-            n = int(request.query.get("n", "3"))
-            interval = float(request.query.get("interval", "0.5"))
-        except ValueError:
-            return json_response({"error": "invalid_request"}, 400)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        try:
-            for i in range(n):
-                if i and not await self._stop_signal.pause(interval):
-                    break
-                await resp.write(f"data: event {i}\n\n".encode())
-            await resp.write_eof()
-        except ConnectionError:
-            log.debug("mock cloud: client left the event stream")
-        return resp
-
-    async def _gzip(self, request: web.Request) -> web.StreamResponse:
-        """A gzip-encoded body that must reach the client still compressed."""
-        body = gzip.compress(b"hello gzip " * 100, mtime=0)
-        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
-
-    async def _slow(self, request: web.Request) -> web.StreamResponse:
-        """Answer after ``seconds``."""
-        try:
-            seconds = float(request.query.get("seconds", "1"))
-        except ValueError:
-            return json_response({"error": "invalid_request"}, 400)
-        await self._stop_signal.pause(seconds)
-        return json_response({"slept": seconds})
-
-    async def _redirect(self, request: web.Request) -> web.StreamResponse:
-        """302 to ``base_url + to``: a redirect that stays inside the upstream."""
-        to = request.query.get("to", "/api/v1/echo")
-        raise web.HTTPFound(self.api_url(request) + to)
-
-    async def _redirect_external(self, request: web.Request) -> web.StreamResponse:
-        """302 to a host that is not the upstream."""
-        raise web.HTTPFound("https://elsewhere.example/x")
-
-    async def _ws(self, request: web.Request) -> web.StreamResponse:
-        """WebSocket echo for text and binary frames."""
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        self._websockets.add(ws)
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.TEXT:
-                    await ws.send_str(msg.data)
-                elif msg.type == WSMsgType.BINARY:
-                    await ws.send_bytes(msg.data)
-        finally:
-            self._websockets.discard(ws)
-        return ws
-
-    async def _status(self, request: web.Request) -> web.StreamResponse:
-        """Answer with the status named in the path."""
-        try:
-            code = int(request.match_info["code"])
-        except ValueError:
-            code = 0
-        if not 200 <= code <= 599:
-            return json_response({"error": "invalid_request"}, 400)
-        if code in (204, 304):
-            return web.Response(status=code)
-        return json_response({"status": code}, code)
+        It stays a MockCloud method so a subclass can override it, as
+        tests/test_proxy_forwarding.py does to watch the stream it writes.
+        """
+        return await self._api.stream_bytes(request)
 
     # -- control endpoints ------------------------------------------------
 
@@ -474,8 +297,7 @@ class MockCloud:
     async def stop(self) -> None:
         """Stop listening; wake hanging handlers and close WebSockets first."""
         self._stop_signal.stop()
-        for ws in list(self._websockets):
-            await ws.close()
+        await self._api.close_websockets()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
