@@ -1,4 +1,10 @@
-"""``MockCloud``: the cloud's state, its routes, and starting and stopping it."""
+"""``MockCloud``: the test hooks and counters, the app that wires the routes together, start and stop.
+
+Tokens live in ``ledger``, the refresh switches in ``switches``, and each
+family of routes in its own module (``api``, ``login``, ``refresh``,
+``control``), which reaches the cloud only through a small protocol of the
+attributes and hooks it uses.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,13 @@ from collections.abc import Callable
 from aiohttp import web
 
 from sidecar.mockcloud.api import ApiRoutes
+from sidecar.mockcloud.control import ControlRoutes, is_control_path
 from sidecar.mockcloud.ledger import TokenLedger
 from sidecar.mockcloud.login import LoginRoutes
 from sidecar.mockcloud.refresh import RefreshRoutes
 from sidecar.mockcloud.stopping import StopSignal
 from sidecar.mockcloud.switches import Countdown, RefreshSwitches
-from sidecar.mockcloud.wire import Handler, iso_timestamp, json_response
+from sidecar.mockcloud.wire import Handler, iso_timestamp
 
 __all__ = ["DEFAULT_ACCESS_TTL", "DEFAULT_REFRESH_TTL", "MockCloud", "run_mock_cloud"]
 
@@ -82,6 +89,7 @@ class MockCloud:
         self._api = ApiRoutes(self, self._stop_signal.pause, bytes_handler=self._bytes)
         self._login = LoginRoutes(self)
         self._refresh = RefreshRoutes(self, self._ledger, self._refresh_switches, self._stop_signal.pause)
+        self._control = ControlRoutes(self)
         self._runner: web.AppRunner | None = None
         self.app = self.make_app()
 
@@ -191,18 +199,13 @@ class MockCloud:
         self._api.add_to(app.router, p)
         self._login.add_to(app.router, p)
         self._refresh.add_to(app.router, p)
-        app.router.add_post(p + "/_mock/revoke-refresh", self._ctl_revoke_refresh)
-        app.router.add_post(p + "/_mock/revoke-access", self._ctl_revoke_access)
-        app.router.add_post(p + "/_mock/fail-refresh", self._ctl_fail_refresh)
-        app.router.add_post(p + "/_mock/hang-refresh", self._ctl_hang_refresh)
-        app.router.add_post(p + "/_mock/reject-refresh", self._ctl_reject_refresh)
-        app.router.add_get(p + "/_mock/stats", self._ctl_stats)
+        self._control.add_to(app.router, p)
         return app
 
     @web.middleware
     async def _count_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Count every request except the control endpoints, and hide client hang-ups."""
-        if not request.path.startswith(self.prefix + "/_mock/"):
+        if not is_control_path(request.path, self.prefix):
             self.requests_seen += 1
         try:
             return await handler(request)
@@ -225,49 +228,6 @@ class MockCloud:
         tests/test_proxy_forwarding.py does to watch the stream it writes.
         """
         return await self._api.stream_bytes(request)
-
-    # -- control endpoints ------------------------------------------------
-
-    @staticmethod
-    def _int_arg(request: web.Request, name: str, default: int) -> int:
-        """An integer query parameter, or a 400."""
-        try:
-            return int(request.query.get(name, str(default)))
-        except ValueError:
-            raise web.HTTPBadRequest(text=f"{name} must be an integer\n") from None
-
-    async def _ctl_revoke_refresh(self, request: web.Request) -> web.StreamResponse:
-        """HTTP twin of revoke_refresh_tokens()."""
-        self.revoke_refresh_tokens()
-        return json_response({"ok": True})
-
-    async def _ctl_revoke_access(self, request: web.Request) -> web.StreamResponse:
-        """HTTP twin of revoke_access_tokens()."""
-        self.revoke_access_tokens()
-        return json_response({"ok": True})
-
-    async def _ctl_fail_refresh(self, request: web.Request) -> web.StreamResponse:
-        """HTTP twin of fail_next_refreshes()."""
-        self.fail_next_refreshes(self._int_arg(request, "n", 1), self._int_arg(request, "status", 503))
-        return json_response({"ok": True})
-
-    async def _ctl_hang_refresh(self, request: web.Request) -> web.StreamResponse:
-        """HTTP twin of hang_next_refreshes()."""
-        try:
-            seconds = float(request.query.get("seconds", "3600"))
-        except ValueError:
-            raise web.HTTPBadRequest(text="seconds must be a number\n") from None
-        self.hang_next_refreshes(self._int_arg(request, "n", 1), seconds)
-        return json_response({"ok": True})
-
-    async def _ctl_reject_refresh(self, request: web.Request) -> web.StreamResponse:
-        """HTTP twin of reject_next_refreshes()."""
-        self.reject_next_refreshes(self._int_arg(request, "n", 1))
-        return json_response({"ok": True})
-
-    async def _ctl_stats(self, request: web.Request) -> web.StreamResponse:
-        """The counters; this request is not counted."""
-        return json_response(self.stats())
 
     # -- lifecycle --------------------------------------------------------
 
