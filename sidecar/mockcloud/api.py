@@ -15,7 +15,7 @@ from typing import Protocol
 
 from aiohttp import WSMsgType, web
 
-from sidecar.mockcloud.switches import Pause
+from sidecar.mockcloud.stopping import Pause
 from sidecar.mockcloud.wire import Handler, json_response
 
 # One logger for the whole mock cloud, whichever module logs.

@@ -16,7 +16,8 @@ import orjson
 from aiohttp import web
 
 from sidecar.mockcloud.ledger import Rotation, TokenLedger
-from sidecar.mockcloud.switches import Pause, RefreshSwitches
+from sidecar.mockcloud.stopping import Pause
+from sidecar.mockcloud.switches import RefreshSwitches
 from sidecar.mockcloud.wire import iso_timestamp, json_response
 
 # What each flavor answers for a dead refresh token (SPEC §1).

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+
+# Sleeps ``seconds``; true when the sleep ran out, false when stop() cut it short.
+Pause = Callable[[float], Awaitable[bool]]
 
 
 class StopSignal:

@@ -6,11 +6,9 @@ decision itself does no I/O and touches no clock.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-# Sleeps ``seconds``; true when the sleep ran out, false when cut short.
-Pause = Callable[[float], Awaitable[bool]]
+from sidecar.mockcloud.stopping import Pause
 
 
 @dataclass(slots=True)
