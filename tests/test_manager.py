@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from conftest import (
     FakeClock,
     ManagerFactory,
@@ -538,3 +541,34 @@ async def test_proactive_loop_backs_off_after_a_refresher_config_error(
             await asyncio.wait_for(manager.run_proactive(), 5)
     assert refresher.calls == 1
     assert sleeps == 20
+
+
+@pytest.mark.parametrize(
+    ("error", "hint"), [("invalid_scope", "check scope"), ("unauthorized_client", "refresh_token grant")]
+)
+async def test_oauth2_configuration_errors_are_transient_with_a_hint(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    store_path: Path,
+    cloud: MockCloud,
+    clock: FakeClock,
+    make_manager: ManagerFactory,
+    caplog: pytest.LogCaptureFixture,
+    error: str,
+    hint: str,
+) -> None:
+    """invalid_scope and unauthorized_client leave the refresh token unspent: transient, logged and reported with a hint."""
+
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"error": error}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    server = await aiohttp_server(app)
+    old = seed_store(store_path, cloud)
+    manager = await make_manager(flavor="oauth2", token_url=str(server.make_url("/token")), client_id="cli")
+    clock.advance(INTO_LEEWAY)
+    assert await manager.access_token() == old.access_token
+    assert (manager.stats.transient, manager.stats.dead) == (1, 0)
+    assert error in (manager.stats.last_error or "") and hint in (manager.stats.last_error or "")
+    assert "ERROR" in [r.levelname for r in caplog.records if hint in r.getMessage()]
+    assert TokenFile(store_path).read().pair == old

@@ -30,6 +30,12 @@ _HEADERS = {"Accept": "application/json", "User-Agent": f"sidecar/{__version__}"
 # Statuses that mean "this refresh token will never work again" (SPEC §1).
 _ALWAYS_DEAD = frozenset({401, 403})
 _DEAD_WITH_INVALID_GRANT = frozenset({400, 401, 403})
+# RFC 6749 §5.2 errors that mean "sidecar is configured wrong", not "log in again".
+_CONFIG_HINTS = {
+    "invalid_client": "check client_id and client_secret",
+    "unauthorized_client": "this client may not use the refresh_token grant; check the client's settings at the provider",
+    "invalid_scope": "check scope: the provider refuses the scope asked for",
+}
 
 
 def classify_failure(status: int, body: bytes, *, oauth2: bool = False) -> RefreshDead | RefreshTransient:
@@ -44,8 +50,11 @@ def classify_failure(status: int, body: bytes, *, oauth2: bool = False) -> Refre
         if error == "invalid_grant":
             return RefreshDead(f"token endpoint rejected the refresh token: HTTP {status} (invalid_grant)")
         suffix = f" ({error})" if error else ""
-        if status in _ALWAYS_DEAD:
-            log.error("token endpoint refused the client: HTTP %d%s; check client_id and client_secret", status, suffix)
+        hint = _CONFIG_HINTS.get(error or "") or (_CONFIG_HINTS["invalid_client"] if status in _ALWAYS_DEAD else None)
+        if hint is not None:
+            # A configuration mistake: the refresh token was not spent.
+            log.error("token endpoint refused the refresh: HTTP %d%s; %s", status, suffix, hint)
+            return RefreshTransient(f"token endpoint answered HTTP {status}{suffix}; {hint}")
         return RefreshTransient(f"token endpoint answered HTTP {status}{suffix}")
     if status in _ALWAYS_DEAD or (status in _DEAD_WITH_INVALID_GRANT and error == "invalid_grant"):
         suffix = f" ({error})" if error else ""
