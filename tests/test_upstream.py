@@ -201,21 +201,35 @@ async def test_retry_happens_only_once(upstream: StartUpstream, pool_for: PoolFa
 
 
 async def test_idle_connection_closed_by_the_server_is_not_used(upstream: StartUpstream, pool_for: PoolFactory) -> None:
-    """An idle connection the server closed while it sat in the pool is dropped; the next request succeeds on a new one."""
+    """An idle connection the server closed while it sat in the pool is never handed out: a request that cannot be resent succeeds on a new one.
+
+    The request streams its body, so send() may not retry it on a fresh
+    connection: it succeeds only if the pool skipped the dead one.
+    """
+
+    released = asyncio.Event()
 
     async def script(conn: Conn) -> None:
         await conn.request()
         await conn.send(OK)
         if conn.index == 0:
-            return  # close right after answering
+            await released.wait()
+            return  # close the connection the pool now holds idle
         await conn.request()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hello"
 
     server = await upstream(script)
     pool = pool_for(server)
-    assert await get(pool) == b"ok"
+    assert await get(pool) == b"ok"  # released: the connection goes back to the pool
+    released.set()
     await asyncio.sleep(0.1)  # the close reaches the pool
-    assert await get(pool) == b"ok"
-    assert [len(conn.requests) for conn in server.conns] == [1, 1]
+    post = b"POST /p HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\n\r\n"
+    response = await within(pool.send(post, body(), chunked=False, head_only=False))
+    assert await within(response.read_all(2.0)) == b"ok"
+    response.release()
+    assert [conn.requests for conn in server.conns] == [[GET], [post + b"hello"]]
 
 
 # -- bodiless responses and interim responses ------------------------------------

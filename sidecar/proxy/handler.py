@@ -10,23 +10,27 @@ answer back.  Everything the sidecar answers itself is problem+json.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
-from sidecar.proxy import problems, websocket
+from sidecar.proxy import problems, retry, websocket
+from sidecar.proxy.body import request_body
 from sidecar.proxy.guards import host_allowed, origin_allowed, path_escapes, split_target
-from sidecar.proxy.headers import request_head, response_headers
-from sidecar.proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from sidecar.proxy.headers import request_head
+from sidecar.proxy.outcome import Outcome
+from sidecar.proxy.relay import ClientGone, relay
+from sidecar.proxy.response import UpstreamResponse
+from sidecar.proxy.upstream import UpstreamPool, UpstreamTimeout, UpstreamUnreachable
+from sidecar.proxy.urls import Upstream
+
+__all__ = ["LOCAL_PREFIX", "LocalHandler", "Outcome", "Proxy", "Recorder", "Upstream"]
 
 LOCAL_PREFIX = "/_sidecar/"
 _REFUSED_METHODS = {
@@ -35,72 +39,6 @@ _REFUSED_METHODS = {
     "TRACE": "TRACE is not forwarded: the echo would contain the injected token.",
 }
 log = logging.getLogger("sidecar.proxy")
-_NO_CONTENT = frozenset({204, 304})
-
-
-@dataclasses.dataclass(slots=True)
-class Outcome:
-    """What happened to one request, for the access log and metrics."""
-
-    status: int = 0
-    upstream_status: int | None = None
-    upstream_seconds: float | None = None
-    retried: bool = False
-    refreshed: bool = False
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Upstream:
-    """The configured upstream URL, split once: origin, path prefix, pool key."""
-
-    url: str
-    base: str
-    origin: str
-    scheme: str
-    host: str
-    port: int
-    prefix: str
-    prefix_bytes: bytes
-
-    @classmethod
-    def parse(cls, url: str) -> Upstream:
-        parsed = URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ConfigError(f"upstream: expected an http:// or https:// URL, got {url!r}")
-        base = url.rstrip("/")
-        origin = str(parsed.origin())
-        prefix = base[len(origin) :] if base.startswith(origin) else parsed.raw_path.rstrip("/")
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        return cls(url, base, origin, parsed.scheme, parsed.host, port, prefix, prefix.encode())
-
-
-class _Verbatim:
-    """Mixin: keep aiohttp from adding Content-Type or Server the upstream did not send."""
-
-    _headers: CIMultiDict[str]
-
-    async def _prepare_headers(self) -> None:
-        had = {name for name in _AIOHTTP_DEFAULTS if name in self._headers}
-        await super()._prepare_headers()  # type: ignore[misc]
-        for name in _AIOHTTP_DEFAULTS:
-            if name not in had:
-                self._headers.popall(name, None)
-
-
-_AIOHTTP_DEFAULTS = ("Content-Type", "Server")
-
-
-class _RelayedResponse(_Verbatim, web.Response):
-    pass
-
-
-class _RelayedStreamResponse(_Verbatim, web.StreamResponse):
-    pass
-
-
-class _ClientGone(Exception):
-    """The client hung up while we were writing to it."""
 
 
 LocalHandler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
@@ -145,7 +83,7 @@ class Proxy:
             response = self._problem(
                 outcome, problems.INTERNAL, "The sidecar could not handle this request; see its log."
             )
-        except _ClientGone:
+        except ClientGone:
             outcome.status = outcome.status or 499
             outcome.error = "client-gone"
             raise asyncio.CancelledError() from None
@@ -254,22 +192,6 @@ class Proxy:
             pool.close()
         self._pools.clear()
 
-    def _rewrite_location(self, location: str, request: web.BaseRequest, upstream: Upstream) -> str:
-        """Point a redirect inside the upstream at the sidecar instead."""
-        base, prefix = upstream.base, upstream.prefix
-        if location.startswith(base + "/") or location == base:
-            rest = location[len(base) :] or "/"
-        elif (
-            location.startswith("/")
-            and not location.startswith("//")
-            and prefix
-            and (location.startswith(prefix + "/") or location == prefix)
-        ):
-            rest = location[len(prefix) :] or "/"
-        else:
-            return location
-        return f"http://{request.headers.get('Host', '127.0.0.1')}{rest}"
-
     async def _token(self, outcome: Outcome) -> str | web.Response:
         manager = self._manager
         before = manager.stats.ok
@@ -288,19 +210,16 @@ class Proxy:
             outcome.refreshed = True
         return token
 
-    async def _token_after_401(self, rejected: str, outcome: Outcome) -> str | web.Response:
-        outcome.refreshed = True
-        try:
-            return await self._manager.token_rejected(rejected)
-        except NotLoggedIn:
+    def _renewal_problem(self, exc: NotLoggedIn | RefreshTransient, outcome: Outcome) -> web.Response:
+        """The answer when the upstream rejected the token and no other one can be had."""
+        if isinstance(exc, NotLoggedIn):
             return self._relogin(outcome)
-        except RefreshTransient as exc:
-            return self._problem(
-                outcome,
-                problems.REFRESH_UNAVAILABLE,
-                "The upstream rejected the token and refreshing it is failing; retry later.",
-                retry_after=exc.retry_after,
-            )
+        return self._problem(
+            outcome,
+            problems.REFRESH_UNAVAILABLE,
+            "The upstream rejected the token and refreshing it is failing; retry later.",
+            retry_after=exc.retry_after,
+        )
 
     async def _forward(
         self, request: web.BaseRequest, upstream: Upstream, target: str, outcome: Outcome
@@ -308,13 +227,12 @@ class Proxy:
         token = await self._token(outcome)
         if isinstance(token, web.Response):
             return token
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body, chunked, replayable = await self._request_body(request)
+        body, chunked, replayable = await request_body(request, self._settings.replay_limit)
         pool = self._pool(upstream)
         target_bytes = upstream.prefix_bytes + target.encode("utf-8", "surrogateescape")
         head_only = request.method == "HEAD"
-        while True:
+
+        async def send(token: str) -> UpstreamResponse:
             head = request_head(
                 request.method,
                 target_bytes,
@@ -324,156 +242,82 @@ class Proxy:
                 chunked,
             )
             sent = time.perf_counter()
-            try:
-                response = await pool.send(head, body, chunked=chunked, head_only=head_only)
-            except UpstreamTimeout:
-                return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer in time.")
-            except UpstreamUnreachable as exc:
-                return self._problem(
-                    outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached: {exc}."
-                )
+            response = await pool.send(head, body, chunked=chunked, head_only=head_only)
             outcome.upstream_status = response.status
             outcome.upstream_seconds = time.perf_counter() - sent
-            if response.status != 401 or outcome.retried:
-                break
-            if not replayable:
-                # The body is gone: refresh for the next request, pass the 401 on.
-                try:
-                    await self._token_after_401(token, outcome)
-                except BaseException:
-                    response.release()
-                    raise
-                outcome.error = None  # the client gets the upstream's 401, not our problem
-                return await self._relay(request, response, upstream, outcome, not_replayable=True)
-            response.release()
-            fresh = await self._token_after_401(token, outcome)
-            if isinstance(fresh, web.Response):
-                return fresh
-            token = fresh
-            outcome.retried = True
-        return await self._relay(request, response, upstream, outcome, not_replayable=False)
-
-    async def _request_body(self, request: web.BaseRequest) -> tuple[bytes | AsyncIterator[bytes] | None, bool, bool]:
-        """``(body, chunked, replayable)`` keeping the client's framing.
-
-        Bodies up to replay_limit are buffered so a 401 can replay them byte
-        for byte; larger ones stream with back-pressure and are not replayed.
-        """
-        if not request.body_exists:
-            return None, False, True
-        limit = self._settings.replay_limit
-        length = request.content_length
-        if length is not None:
-            if length <= limit:
-                # Not request.read(): it enforces aiohttp's 1 MiB client_max_size.
-                return await _read_up_to(request.content, length), False, True
-            return _stream(b"", request.content), False, False
-        prefix = await _read_up_to(request.content, limit + 1)
-        if len(prefix) <= limit:
-            return prefix, True, True
-        return _stream(prefix, request.content), True, False
-
-    async def _relay(
-        self,
-        request: web.BaseRequest,
-        upstream_response: UpstreamResponse,
-        upstream: Upstream,
-        outcome: Outcome,
-        *,
-        not_replayable: bool,
-    ) -> web.StreamResponse:
-        """Send the upstream's response to the client, streaming its body."""
-        try:
-            headers = response_headers(upstream_response.headers)
-            location = headers.get("Location")
-            if location is not None:
-                headers["Location"] = self._rewrite_location(location, request, upstream)
-            if not_replayable:
-                headers["X-Sidecar-Retry"] = "not-replayable"
-            status = upstream_response.status
-            reason = upstream_response.reason.decode("latin-1") or None
-            outcome.status = status
-            timeout = self._settings.read_timeout or None
-            if upstream_response.complete and "Content-Length" in headers:
-                # The whole answer is here: one write to the client.
-                response = _RelayedResponse(
-                    status=status, reason=reason, headers=headers, body=upstream_response.take_buffered()
-                )
-                upstream_response.release()
-                return response
-            response = _RelayedStreamResponse(status=status, reason=reason, headers=headers)
-            if (
-                "Content-Length" not in headers
-                and status not in _NO_CONTENT
-                and request.method != "HEAD"
-                and request.version >= aiohttp.HttpVersion11
-            ):
-                response.enable_chunked_encoding()
-            try:
-                await response.prepare(request)
-                while True:
-                    try:
-                        chunk = await upstream_response.read(timeout)
-                    except UpstreamError as exc:
-                        # Mid-body failure: cut the client's connection so a
-                        # truncated body can never look complete.
-                        outcome.error = type(exc).__name__
-                        if request.transport is not None:
-                            request.transport.close()
-                        return response
-                    if not chunk:
-                        break
-                    await response.write(chunk)
-                await response.write_eof()
-            except ConnectionError:
-                raise _ClientGone() from None
             return response
-        finally:
-            upstream_response.release()
 
-    # -- websocket ----------------------------------------------------------
+        try:
+            ending, response = await retry.drive(
+                retry.after_401(token, replayable=replayable), send, self._manager.token_rejected, outcome
+            )
+        except UpstreamTimeout:
+            return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer in time.")
+        except UpstreamUnreachable as exc:
+            return self._problem(outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached: {exc}.")
+        except retry.RENEWAL_FAILURES as exc:
+            return self._renewal_problem(exc, outcome)
+        return await relay(
+            request,
+            response,
+            upstream,
+            outcome,
+            self._settings.read_timeout,
+            not_replayable=ending is retry.Ending.NOT_REPLAYABLE,
+        )
 
     async def _websocket(self, request: web.BaseRequest, url: str, outcome: Outcome) -> web.StreamResponse:
         token = await self._token(outcome)
         if isinstance(token, web.Response):
             return token
-        while True:
-            try:
-                upstream = await websocket.connect(
-                    self._session, request, url, "Bearer " + token, self._settings.read_timeout
-                )
-            except aiohttp.WSServerHandshakeError as exc:
-                outcome.upstream_status = exc.status
-                if exc.status == 401 and not outcome.retried:
-                    fresh = await self._token_after_401(token, outcome)
-                    if isinstance(fresh, web.Response):
-                        return fresh
-                    token = fresh
-                    outcome.retried = True
-                    continue
-                status = exc.status if 400 <= exc.status <= 599 else 502
-                return self._problem(
-                    outcome,
-                    problems.UPSTREAM_REFUSED_UPGRADE,
-                    f"The upstream answered the WebSocket handshake with HTTP {exc.status}.",
-                    status=status,
-                )
-            except TimeoutError:
-                return self._problem(
-                    outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer the WebSocket handshake in time."
-                )
-            except aiohttp.ClientError as exc:
-                return self._problem(
-                    outcome, problems.UPSTREAM_UNREACHABLE, f"The upstream could not be reached ({type(exc).__name__})."
-                )
-            break
-        outcome.upstream_status = outcome.status = 101
-        return await websocket.relay(request, upstream)
+
+        async def send(token: str) -> websocket.Handshake:
+            answer = await websocket.handshake(
+                self._session, request, url, "Bearer " + token, self._settings.read_timeout
+            )
+            if answer.error is None:
+                outcome.upstream_status = answer.status
+            return answer
+
+        try:
+            _, answer = await retry.drive(
+                retry.after_401(token, replayable=True), send, self._manager.token_rejected, outcome
+            )
+        except retry.RENEWAL_FAILURES as exc:
+            return self._renewal_problem(exc, outcome)
+        if isinstance(answer.error, TimeoutError):
+            return self._problem(
+                outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer the WebSocket handshake in time."
+            )
+        if answer.error is not None:
+            return self._problem(
+                outcome,
+                problems.UPSTREAM_UNREACHABLE,
+                f"The upstream could not be reached ({type(answer.error).__name__}).",
+            )
+        if answer.socket is None:
+            return self._problem(
+                outcome,
+                problems.UPSTREAM_REFUSED_UPGRADE,
+                f"The upstream answered the WebSocket handshake with HTTP {answer.status}.",
+                status=answer.status if 400 <= answer.status <= 599 else 502,
+            )
+        outcome.status = 101
+        return await websocket.relay(request, answer.socket)
 
     # -- problems -----------------------------------------------------------
 
-    def _problem(self, outcome: Outcome, problem: problems.Problem, detail: str, **options: object) -> web.Response:
-        response = problems.problem_response(problem, detail, **options)  # type: ignore[arg-type]
+    def _problem(
+        self,
+        outcome: Outcome,
+        problem: problems.Problem,
+        detail: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> web.Response:
+        response = problems.problem_response(problem, detail, status=status, retry_after=retry_after, extra=extra)
         outcome.status = response.status
         outcome.error = problem.code
         return response
@@ -489,25 +333,3 @@ class Proxy:
             status=self._settings.relogin_status,
             extra={"login": hint},
         )
-
-
-async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await content.read(limit - size)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
-    return b"".join(parts)
-
-
-async def _stream(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    if prefix:
-        yield prefix
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            return
-        yield chunk

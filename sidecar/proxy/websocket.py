@@ -1,7 +1,7 @@
 """WebSocket upgrades: the upstream handshake with our headers, then frames copied both ways.
 
-Policy (which token, what a 401 means) stays in proxy.py; this module only
-speaks the protocol.
+Policy (which token, what a 401 means) stays in handler.py and retry.py;
+this module only speaks the protocol.
 """
 
 from __future__ import annotations
@@ -27,19 +27,44 @@ def requested_protocols(request: web.BaseRequest) -> tuple[str, ...]:
     return tuple(p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip())
 
 
-async def connect(
+class Handshake:
+    """One upstream handshake's answer: the socket (status 101), the status it was refused with, or the error."""
+
+    __slots__ = ("error", "socket", "status")
+
+    def __init__(
+        self,
+        status: int,
+        socket: aiohttp.ClientWebSocketResponse | None = None,
+        error: TimeoutError | aiohttp.ClientError | None = None,
+    ) -> None:
+        self.status = status
+        self.socket = socket
+        self.error = error
+
+    def release(self) -> None:
+        """Nothing to let go of: a refused handshake holds no connection, and an open socket is relayed."""
+
+
+async def handshake(
     session: aiohttp.ClientSession, request: web.BaseRequest, url: str, authorization: str, close_timeout: float
-) -> aiohttp.ClientWebSocketResponse:
-    """Open the upstream WebSocket; raises aiohttp's errors (WSServerHandshakeError carries the status)."""
-    return await session.ws_connect(
-        URL(url, encoded=True),
-        headers=websocket_headers(request.headers, authorization, _HANDSHAKE_HEADERS),
-        protocols=requested_protocols(request),
-        autoclose=False,
-        autoping=False,
-        max_msg_size=0,
-        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
-    )
+) -> Handshake:
+    """Open the upstream WebSocket; a refusal or a failure is in the answer, not raised."""
+    try:
+        socket = await session.ws_connect(
+            URL(url, encoded=True),
+            headers=websocket_headers(request.headers, authorization, _HANDSHAKE_HEADERS),
+            protocols=requested_protocols(request),
+            autoclose=False,
+            autoping=False,
+            max_msg_size=0,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        return Handshake(exc.status)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return Handshake(0, error=exc)
+    return Handshake(101, socket)
 
 
 async def relay(request: web.BaseRequest, upstream: aiohttp.ClientWebSocketResponse) -> web.WebSocketResponse:

@@ -1,0 +1,90 @@
+"""The upstream's answer: what the connection's parser fills in, and the body as the relay reads it."""
+
+from __future__ import annotations
+
+import collections
+from typing import Protocol
+
+
+class Carrier(Protocol):
+    """What an answer needs from the connection that carries it."""
+
+    async def wait(self, timeout: float | None) -> None:
+        """Return once the parser made progress; raise the exchange's failure."""
+
+    def consumed(self) -> None:
+        """Body bytes were taken: reading may resume."""
+
+    def end_exchange(self, *, reusable: bool) -> None:
+        """The answer is done with: keep the connection if ``reusable`` (and it agrees), else close it."""
+
+
+class UpstreamResponse:
+    """The upstream's answer: status, raw headers, and the body as it arrives."""
+
+    __slots__ = (
+        "_connection",
+        "_released",
+        "buffered",
+        "chunks",
+        "complete",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "until_eof",
+    )
+
+    def __init__(self, connection: Carrier) -> None:
+        self._connection = connection
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = False
+        self.until_eof = False
+        self.complete = False
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self._released = False
+
+    def content_length(self) -> int | None:
+        for name, value in self.headers:
+            if name.lower() == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
+
+    def take_buffered(self) -> bytes:
+        """Everything received so far (the whole body once ``complete``)."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        self._connection.consumed()
+        return data
+
+    async def read(self, timeout: float | None) -> bytes:
+        """The next piece of the body; ``b""`` once it is complete."""
+        while not self.chunks:
+            if self.complete:
+                return b""
+            await self._connection.wait(timeout)
+        chunk = self.chunks.popleft()
+        self.buffered -= len(chunk)
+        self._connection.consumed()
+        return chunk
+
+    async def read_all(self, timeout: float | None) -> bytes:
+        """The whole body, once it is complete."""
+        while not self.complete:
+            await self._connection.wait(timeout)
+        return self.take_buffered()
+
+    def release(self) -> None:
+        """Give the connection back if the exchange finished cleanly, else close it (once; later calls do nothing)."""
+        if self._released:
+            return
+        self._released = True
+        self._connection.end_exchange(reusable=self.complete and self.keep_alive and not self.chunks)
