@@ -5,6 +5,10 @@ segments), take a token from the manager, send the request upstream with
 hop-by-hop headers dropped and the body framed as the client framed it,
 replay it once after a 401 if it was small enough to buffer, and stream the
 answer back.  Everything the sidecar answers itself is problem+json.
+
+This module decides and wires; the parts live beside it: the 401 rule in
+retry.py, the body in body.py, the answer's way back in relay.py, the
+upstream client in upstream.py, WebSocket frames in websocket.py.
 """
 
 from __future__ import annotations
