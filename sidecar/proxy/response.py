@@ -47,15 +47,6 @@ class UpstreamResponse:
         self.buffered = 0
         self._released = False
 
-    def content_length(self) -> int | None:
-        for name, value in self.headers:
-            if name.lower() == b"content-length":
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-        return None
-
     def take_buffered(self) -> bytes:
         """Everything received so far (the whole body once ``complete``)."""
         chunks = self.chunks
