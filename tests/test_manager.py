@@ -214,26 +214,30 @@ async def test_rejected_current_token_forces_one_shared_refresh(
     cloud: MockCloud, store_path: Path, make_manager: ManagerFactory
 ) -> None:
     """Twenty callers rejected with the current token share one forced refresh."""
-    pair = seed_store(store_path, cloud)
+    rejected = seed_store(store_path, cloud).access_token
+    assert rejected is not None
     manager = await make_manager()
-    tokens = await asyncio.gather(*(manager.token_rejected(pair.access_token) for _ in range(20)))  # type: ignore[arg-type]
+    tokens = await asyncio.gather(*(manager.token_rejected(rejected) for _ in range(20)))
     assert cloud.refresh_calls == 1
-    assert set(tokens) == {manager.pair.access_token} != {pair.access_token}  # type: ignore[union-attr]
+    current = manager.pair
+    assert current is not None
+    assert set(tokens) == {current.access_token} != {rejected}
 
 
 async def test_rejected_token_during_backoff_reports_retry_after(
     cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
 ) -> None:
     """While the token endpoint is failing a 401 yields RefreshTransient with the wait left."""
-    pair = seed_store(store_path, cloud)
+    rejected = seed_store(store_path, cloud).access_token
+    assert rejected is not None
     manager = await make_manager()
     cloud.fail_next_refreshes(1, status=503)
     with pytest.raises(RefreshTransient) as first:
-        await manager.token_rejected(pair.access_token)  # type: ignore[arg-type]
+        await manager.token_rejected(rejected)
     assert first.value.retry_after == pytest.approx(backoff_delay(1, 0.5))
     clock.advance(0.5)
     with pytest.raises(RefreshTransient) as second:
-        await manager.token_rejected(pair.access_token)  # type: ignore[arg-type]
+        await manager.token_rejected(rejected)
     assert second.value.retry_after == pytest.approx(backoff_delay(1, 0.5) - 0.5)
     assert cloud.refresh_calls == 1
 
