@@ -56,13 +56,36 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     workers: int = 1
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    proxy: str | None = None
 
     def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{f.name}={'***' if f.name == 'client_secret' and self.client_secret else getattr(self, f.name)!r}"
-            for f in dataclasses.fields(self)
-        )
+        fields = ", ".join(f"{f.name}={_shown(f.name, getattr(self, f.name))!r}" for f in dataclasses.fields(self))
         return f"Settings({fields})"
+
+
+def _shown(key: str, value: object) -> object:
+    """A setting as it may be printed: secrets and credentials in URLs masked."""
+    if key == "client_secret" and value:
+        return "***"
+    if key == "proxy" and isinstance(value, str):
+        return mask_url_password(value)
+    return value
+
+
+def mask_url_password(text: str) -> str:
+    """``text`` with the password of its URL (if any) replaced by ``***``."""
+    from yarl import URL
+
+    try:
+        url = URL(text)
+    except (ValueError, TypeError):
+        return "***"
+    if url.password is None:
+        return text
+    return str(url.with_password("***"))
 
 
 def _parse_bool(key: str, value: object) -> bool:
@@ -135,6 +158,30 @@ def _parse_url(key: str, value: object) -> str:
     return text
 
 
+def _parse_proxy(key: str, value: object) -> str:
+    """An http(s) proxy URL (credentials allowed: they go to the proxy only), or "" for none."""
+    from yarl import URL
+
+    text = _parse_str(key, value).strip()
+    if not text:
+        return ""
+    try:
+        url = URL(text)
+        port = url.port
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: not a valid URL") from None
+    if url.scheme not in ("http", "https") or not url.host or port is None:
+        raise ConfigError(f'{key}: expected an http:// or https:// proxy URL with a host, or "" for none')
+    return text
+
+
+def _parse_path(key: str, value: object) -> str:
+    text = _parse_str(key, value).strip()
+    if not text:
+        raise ConfigError(f"{key}: expected a file path")
+    return str(Path(text).expanduser())
+
+
 def _parse_list(key: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(item.strip() for item in value.split(",") if item.strip())
@@ -198,6 +245,10 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
     "workers": _parse_workers,
+    "ca_file": _parse_path,
+    "client_cert": _parse_path,
+    "client_key": _parse_path,
+    "proxy": _parse_proxy,
 }
 
 KEYS = tuple(_PARSERS)
@@ -211,6 +262,10 @@ _TYPED_KEYS = {
     "shutdown_timeout": "a number",
     "workers": "an integer",
 }
+
+
+# Keys for which an empty value is a choice, not "unset" ("" = no egress proxy).
+_EMPTY_MEANS_SOMETHING = frozenset({"proxy"})
 
 
 def env_name(key: str) -> str:
@@ -261,7 +316,7 @@ def load_settings(
 
     for key, parse in _PARSERS.items():
         raw = env.get(env_name(key))
-        if raw is not None and raw != "":
+        if raw is not None and (raw != "" or key in _EMPTY_MEANS_SOMETHING):
             values[key] = parse(env_name(key), raw)
 
     for key, value in flags.items():
@@ -274,6 +329,8 @@ def load_settings(
         values["store"] = str(default_config_dir() / "tokens.json")
     values["store"] = str(Path(values["store"]).expanduser())
     settings = Settings(**values)
+    if settings.client_key and not settings.client_cert:
+        raise ConfigError("client_key: set client_cert too (the certificate the key belongs to)")
     if settings.flavor == "oauth2" and not settings.token_url:
         raise ConfigError("token_url: required when flavor is oauth2")
     return settings

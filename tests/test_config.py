@@ -52,6 +52,10 @@ def test_defaults_without_flags_env_or_file() -> None:
         "log_format": "auto",
         "log_level": "info",
         "workers": 1,
+        "ca_file": None,
+        "client_cert": None,
+        "client_key": None,
+        "proxy": None,
     }
 
 
@@ -299,3 +303,28 @@ def test_settings_are_frozen() -> None:
 def test_settings_default_value_matches_loaded_defaults(user_config_dir: Path) -> None:
     """load_settings with nothing configured equals Settings() with only the store filled in."""
     assert load_settings({}, {}, None) == Settings(store=str(user_config_dir / "tokens.json"))
+
+
+def test_proxy_setting_keeps_credentials_but_never_shows_them() -> None:
+    """A proxy URL may carry user:password (for the proxy); repr masks the password."""
+    settings = load_settings({"proxy": "http://alice:s3cret@127.0.0.1:3128"}, {}, None)
+    assert settings.proxy == "http://alice:s3cret@127.0.0.1:3128"
+    assert "s3cret" not in repr(settings)
+    assert "alice:***@127.0.0.1:3128" in repr(settings)
+
+
+def test_empty_proxy_variable_turns_proxies_off() -> None:
+    """SIDECAR_PROXY="" is a choice (no egress proxy), unlike other empty variables."""
+    assert load_settings({}, {"SIDECAR_PROXY": ""}, None).proxy == ""
+    assert load_settings({}, {}, None).proxy is None
+
+
+@pytest.mark.parametrize("value", ["socks5://127.0.0.1:1080", "127.0.0.1:3128", "http://"])
+def test_proxy_setting_must_be_an_http_url(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^--proxy: "):
+        load_settings({"proxy": value}, {}, None)
+
+
+def test_client_key_needs_a_client_cert() -> None:
+    with pytest.raises(ConfigError, match=r"^client_key: set client_cert too"):
+        load_settings({"client_key": "/tmp/key.pem"}, {}, None)

@@ -26,6 +26,7 @@ from aiohttp import web
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.auth.callback import loopback_callback, page
 from sidecar.config import Settings
+from sidecar.egress.outbound import Outbound, client_session
 from sidecar.errors import ConfigError, LoginError, RefreshTransient
 from sidecar.store.interface import StoreSnapshot, write_pair
 from sidecar.store.location import open_store
@@ -191,11 +192,7 @@ async def login_command(
         print("Waiting for the browser to come back...", file=err, flush=True)
 
     if flow == "poll":
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-            )
-        ) as session:
+        async with client_session(settings, Outbound(settings)) as session:
             pair = await poll_flow(upstream, session, timeout=timeout, announce=announce)
     else:
         pair = await callback_flow(upstream, timeout=timeout, announce=announce)

@@ -19,6 +19,7 @@ from sidecar.auth.answers import AnswerTooLarge, read_capped
 from sidecar.auth.imported import pair_from_import
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
+from sidecar.egress.outbound import Outbound, client_session
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
 from sidecar.store.interface import StoreSnapshot, clear_store, write_pair
@@ -29,8 +30,7 @@ WHOAMI_PATH = "/api/v1/auth/whoami"
 
 
 def _client_session(settings: Settings) -> aiohttp.ClientSession:
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout)
-    return aiohttp.ClientSession(timeout=timeout)
+    return client_session(settings, Outbound(settings))
 
 
 def _say(stream: TextIO, message: str) -> None:

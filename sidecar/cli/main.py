@@ -33,6 +33,10 @@ _KEY_HELP = {
     "listen": "HOST:PORT or unix:/path.sock to listen on",
     "allow_remote": "allow listening on a non-loopback address",
     "store": "token store file",
+    "ca_file": "PEM bundle of extra CAs to trust (adds to the system's)",
+    "client_cert": "client certificate (PEM) for upstreams that require mTLS",
+    "client_key": "private key of client_cert, if not in the same file",
+    "proxy": 'egress proxy URL (overrides HTTPS_PROXY/HTTP_PROXY; "" for none)',
 }
 
 

@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.config import Settings
+from sidecar.egress.outbound import Outbound
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
 from sidecar.proxy import problems, retry, websocket
@@ -57,12 +58,14 @@ class Proxy:
         settings: Settings,
         manager: TokenManager,
         session: aiohttp.ClientSession,
+        outbound: Outbound,
         local: LocalHandler,
         record: Recorder,
     ) -> None:
         self._settings = settings
         self._manager = manager
         self._session = session
+        self._outbound = outbound
         self._local = local
         self._record = record
         self._allowed_hosts = tuple(host.lower() for host in settings.allowed_hosts)
@@ -187,6 +190,7 @@ class Proxy:
                 upstream.port,
                 connect_timeout=self._settings.connect_timeout,
                 read_timeout=self._settings.read_timeout,
+                tls=self._outbound.tls if upstream.scheme == "https" else None,
             )
             self._pools[upstream.origin] = pool
         return pool

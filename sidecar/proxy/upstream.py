@@ -29,11 +29,22 @@ _MAX_IDLE = 256
 class UpstreamPool:
     """Keep-alive connections to one origin (``http`` or ``https``)."""
 
-    def __init__(self, scheme: str, host: str, port: int, *, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        tls: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self._host = host
         self._port = port
-        self._ssl: ssl_module.SSLContext | None = ssl_module.create_default_context() if scheme == "https" else None
+        self._ssl: ssl_module.SSLContext | None = (
+            (tls or ssl_module.create_default_context()) if scheme == "https" else None
+        )
         self._connect_timeout = connect_timeout or None
         self.read_timeout = read_timeout or None
         self._idle: list[Connection] = []

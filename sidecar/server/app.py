@@ -16,11 +16,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TextIO
 
-import aiohttp
 from aiohttp import web
 
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
+from sidecar.egress.outbound import Outbound, client_session
 from sidecar.manager import TokenManager
 from sidecar.proxy.handler import Outcome, Proxy
 from sidecar.server.accesslog import AccessLog
@@ -33,7 +33,6 @@ log = logging.getLogger("sidecar.app")
 
 # At shutdown a refresh in flight gets at least this long to finish and save.
 SAVE_REFRESH_SECONDS = 5.0
-SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 @dataclasses.dataclass(slots=True)
@@ -43,22 +42,6 @@ class Sidecar:
     manager: TokenManager
     server: web.Server
     proxy: Proxy
-
-
-def client_session(settings: Settings) -> aiohttp.ClientSession:
-    """The pooled session for every upstream call: no cookies kept, no decompression."""
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector,
-        # aiohttp adds these unless told not to; the client's own pass as sent.
-        skip_auto_headers=SKIP_AUTO_HEADERS,
-        cookie_jar=aiohttp.DummyCookieJar(),  # never replay one client's cookies to another
-        auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-        ),
-        trust_env=False,
-    )
 
 
 def _recorder(metrics: Metrics, access_log: AccessLog) -> Callable[[web.BaseRequest, Outcome, float], None]:
@@ -89,7 +72,8 @@ async def running_sidecar(
     proactive: bool = True,
 ) -> AsyncIterator[Sidecar]:
     """Everything ``serve`` runs, minus the listening sockets."""
-    session = client_session(settings)
+    outbound = Outbound(settings)
+    session = client_session(settings, outbound, proxying=True)
     metrics = Metrics()
     manager = TokenManager(
         open_store(settings.store),
@@ -102,7 +86,12 @@ async def running_sidecar(
     await manager.load()
     access_log = AccessLog(log_stream, settings.log_format, enabled=settings.log_level in ("debug", "info"))
     proxy = Proxy(
-        settings, manager, session, LocalEndpoints(manager, settings, metrics, clock), _recorder(metrics, access_log)
+        settings,
+        manager,
+        session,
+        outbound,
+        LocalEndpoints(manager, settings, metrics, clock),
+        _recorder(metrics, access_log),
     )
     server = web.Server(proxy.handle, handler_cancellation=True, auto_decompress=False, access_log=None)
     background = asyncio.get_running_loop().create_task(manager.run_proactive()) if proactive else None
