@@ -25,6 +25,8 @@ ENV_PREFIX = "SIDECAR_"
 FLAVORS = ("relay", "oauth2")
 LOG_FORMATS = ("auto", "json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+CLIENT_AUTHS = ("basic", "post", "none")
+CLIENT_KEY_MODES = ("off", "optional", "required")
 
 
 def default_config_dir() -> Path:
@@ -60,6 +62,21 @@ class Settings:
     client_cert: str | None = None
     client_key: str | None = None
     proxy: str | None = None
+    issuer: str | None = None
+    client_auth: str | None = None
+    audience: str | None = None
+    resource: str | None = None
+    allow_users: tuple[str, ...] = ("self",)
+
+    @property
+    def client_key_mode(self) -> str:
+        """SPEC §9's local client key: ``off``, ``optional`` or ``required``."""
+        return self.client_key if self.client_key in CLIENT_KEY_MODES else "off"
+
+    @property
+    def client_key_file(self) -> str | None:
+        """SPEC §4's mTLS private key file (``client_key`` set to a path, not a mode)."""
+        return self.client_key if self.client_key and self.client_key not in CLIENT_KEY_MODES else None
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={_shown(f.name, getattr(self, f.name))!r}" for f in dataclasses.fields(self))
@@ -182,6 +199,14 @@ def _parse_path(key: str, value: object) -> str:
     return str(Path(text).expanduser())
 
 
+def _parse_client_key(key: str, value: object) -> str:
+    """``off``/``optional``/``required`` (the local client key, §9), else the mTLS key file (§4)."""
+    text = _parse_str(key, value).strip()
+    if text.lower() in CLIENT_KEY_MODES:
+        return text.lower()
+    return _parse_path(key, text)
+
+
 def _parse_list(key: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(item.strip() for item in value.split(",") if item.strip())
@@ -247,8 +272,13 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "workers": _parse_workers,
     "ca_file": _parse_path,
     "client_cert": _parse_path,
-    "client_key": _parse_path,
+    "client_key": _parse_client_key,
     "proxy": _parse_proxy,
+    "issuer": _parse_url,
+    "client_auth": _choice(CLIENT_AUTHS),
+    "audience": _parse_str,
+    "resource": _parse_url,
+    "allow_users": _parse_list,
 }
 
 KEYS = tuple(_PARSERS)
@@ -329,8 +359,8 @@ def load_settings(
         values["store"] = str(default_config_dir() / "tokens.json")
     values["store"] = str(Path(values["store"]).expanduser())
     settings = Settings(**values)
-    if settings.client_key and not settings.client_cert:
+    if settings.client_key_file and not settings.client_cert:
         raise ConfigError("client_key: set client_cert too (the certificate the key belongs to)")
-    if settings.flavor == "oauth2" and not settings.token_url:
-        raise ConfigError("token_url: required when flavor is oauth2")
+    if settings.flavor == "oauth2" and not (settings.token_url or settings.issuer):
+        raise ConfigError("token_url: required when flavor is oauth2 (or set issuer to discover it)")
     return settings

@@ -56,6 +56,11 @@ def test_defaults_without_flags_env_or_file() -> None:
         "client_cert": None,
         "client_key": None,
         "proxy": None,
+        "issuer": None,
+        "client_auth": None,
+        "audience": None,
+        "resource": None,
+        "allow_users": ("self",),
     }
 
 
@@ -328,3 +333,22 @@ def test_proxy_setting_must_be_an_http_url(value: str) -> None:
 def test_client_key_needs_a_client_cert() -> None:
     with pytest.raises(ConfigError, match=r"^client_key: set client_cert too"):
         load_settings({"client_key": "/tmp/key.pem"}, {}, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode", "path"),
+    [
+        ("required", "required", None),
+        ("Optional", "optional", None),
+        ("/etc/sidecar/client.key", "off", "/etc/sidecar/client.key"),
+    ],
+)
+def test_client_key_is_a_mode_word_or_the_mtls_key_file(value: str, mode: str, path: str | None) -> None:
+    """SPEC uses client_key twice: off/optional/required is the local key (§9), anything else the mTLS key (§4)."""
+    settings = load_settings({"client_key": value, "client_cert": "/etc/sidecar/client.pem"}, {}, None)
+    assert (settings.client_key_mode, settings.client_key_file) == (mode, path)
+
+
+def test_oauth2_flavor_accepts_an_issuer_instead_of_a_token_url() -> None:
+    settings = load_settings({"flavor": "oauth2", "issuer": "https://id.example"}, {}, None)
+    assert settings.issuer == "https://id.example" and settings.token_url is None
