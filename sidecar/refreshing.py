@@ -28,6 +28,10 @@ MIN_REFRESH_INTERVAL = 60.0
 # longer is stalled (a process stopped with Ctrl-Z), and waiting on would
 # stall every request whose token has expired.
 LOCK_TIMEOUT = 35.0
+# SPEC §3: once a retry with a token that a 401 had just forced is rejected
+# again, refreshing does not cure that endpoint's 401s (scope, permissions),
+# and for this long a 401 forces no refresh.
+REJECTION_COOLDOWN = 30.0
 
 
 def backoff_delay(failures: int, jitter: float) -> float:
@@ -37,6 +41,30 @@ def backoff_delay(failures: int, jitter: float) -> float:
     """
     base = min(BACKOFF_MAX, BACKOFF_FIRST * 2.0 ** max(0, failures - 1))
     return min(BACKOFF_MAX, base * (1 - BACKOFF_JITTER + 2 * BACKOFF_JITTER * jitter))
+
+
+def withholds_retry(rejected: str, current: str | None, now: float, quiet_until: float) -> bool:
+    """Whether a 401 to ``rejected`` goes to the client as it came, not retried.
+
+    Only before ``quiet_until`` (the end of a cooldown), and only when a
+    retry would have to force a refresh: ``rejected`` is the current token.
+    A 401 to an older token is still retried with the current one, which
+    costs no refresh; a pair without an access token is refreshed anyway.
+    """
+    return now < quiet_until and current is not None and current == rejected
+
+
+def cooldown_until(retried: str, forced: str | None, now: float, quiet_until: float) -> float | None:
+    """When 401s may force refreshes again, now that the retry with ``retried`` drew a 401 too; None starts no cooldown.
+
+    ``forced`` is the token the last refresh a 401 forced handed out; only a
+    retry with that token is evidence that refreshing does not help.  A
+    cooldown under way (``now < quiet_until``) is not extended: a refresh is
+    tried again REJECTION_COOLDOWN after the evidence, not after the last 401.
+    """
+    if forced is None or retried != forced or now < quiet_until:
+        return None
+    return now + REJECTION_COOLDOWN
 
 
 @dataclasses.dataclass(slots=True)
