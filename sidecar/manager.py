@@ -22,16 +22,14 @@ from sidecar.following import StoreWatch
 from sidecar.refreshing import (
     LOCK_TIMEOUT,
     MIN_REFRESH_INTERVAL,
-    REJECTION_COOLDOWN,
     STILL_VALID_MARGIN,
     Observer,
     Refresher,
     RefreshStats,
+    RejectionCooldown,
     UnsavedPair,
     backoff_delay,
-    cooldown_until,
     token_of,
-    withholds_retry,
 )
 from sidecar.store.interface import PendingWrite, StoreSnapshot, TokenStore, Version
 from sidecar.tokens import (
@@ -107,11 +105,7 @@ class TokenManager:
         self._inflight: asyncio.Task[TokenPair] | None = None
         self._background = refresh_in_background
         self._unsaved: UnsavedPair | None = None
-        # The token the last refresh that a 401 forced handed out, until a
-        # retry with it is rejected again; and until when 401s force no
-        # refresh after that (``clock`` seconds).
-        self._forced: str | None = None
-        self._quiet_until = 0.0
+        self.rejections = RejectionCooldown(clock, lambda: self._pair.access_token if self._pair else None)
 
     # -- what callers use -------------------------------------------------
 
@@ -163,70 +157,28 @@ class TokenManager:
             return self._stale_or_raise(self._pair or pair, self._clock())
         return token_of(pair)
 
-    def withholds_retry(self, token: str) -> bool:
-        """Whether the upstream's 401 to ``token`` goes to the client as it came, neither refreshed nor retried.
-
-        True during the cooldown that ``rejected_again`` starts, for a 401 to
-        the current token (SPEC §3: no refresh storms from 401s).  A 401 to an
-        older token is still retried with the current one: that costs no
-        refresh.  The cooldown runs its full REJECTION_COOLDOWN whatever
-        happens to the token meanwhile: scheduled refreshes go on, and
-        neither they nor a new login are evidence that a forced refresh
-        would cure this endpoint's 401s.  No I/O: a caller asks just before
-        ``token_rejected``.
-        """
-        pair = self._pair
-        current = pair.access_token if pair is not None else None
-        return withholds_retry(token, current, self._clock(), self._quiet_until)
-
-    def rejected_again(self, token: str) -> None:
-        """The retry with ``token`` (from ``token_rejected``) drew a 401 as well.
-
-        If a 401 had just forced ``token``, refreshing does not cure these
-        401s: for the next REJECTION_COOLDOWN seconds ``withholds_retry``
-        says so for the current token.  No I/O.
-        """
-        now = self._clock()
-        until = cooldown_until(token, self._forced, now, self._quiet_until)
-        if until is None:
-            return
-        self._forced = None  # this evidence is used up; only a new forced refresh can start the next cooldown
-        self._quiet_until = until
-        log.warning(
-            "the upstream rejected a token that a 401 had just forced; 401s force no refresh for %.0f s",
-            REJECTION_COOLDOWN,
-        )
-
     async def token_rejected(self, token: str) -> str:
         """The token to retry with after the upstream answered 401 to ``token``.
 
         If the current token is already another one, that one; otherwise one
-        forced refresh shared by every caller that was rejected with
-        ``token``.  Raises NotLoggedIn, or RefreshTransient (with
-        ``retry_after``) while the token endpoint is failing.  The cooldown
-        is not consulted here: ``withholds_retry`` is asked first, and a call
-        made after it said no goes ahead even if a cooldown starts meanwhile.
+        forced refresh shared by every caller rejected with ``token``, noted
+        in ``rejections``.  Raises NotLoggedIn, or RefreshTransient (with
+        ``retry_after``) while the token endpoint is failing.
         """
         await self._watch.follow(holding_pair=self._pair is not None)
-        refreshed = False
-        for _ in range(2):
+        for refreshes in range(2):
             pair = self._pair
             if pair is None:
                 raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
             if pair.access_token is not None and pair.access_token != token:
-                if refreshed:
-                    self._forced = pair.access_token
-                return pair.access_token
+                return self.rejections.handed_out(pair.access_token, forced=refreshes > 0)
             now = self._clock()
             if self._inflight is None and now < self._backoff_until:
                 raise RefreshTransient(self.stats.last_error or "refresh failing", self._backoff_until - now)
             await self._shared_refresh(rejected=token, force=True)
-            refreshed = True
         if self._pair is None:
             raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
-        fresh = token_of(self._pair)
-        self._forced = fresh
-        return fresh
+        return self.rejections.handed_out(token_of(self._pair), forced=True)
 
     async def force_refresh(self) -> str:
         """Refresh now, whatever the expiry (``sidecar token --force-refresh``)."""

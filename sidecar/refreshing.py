@@ -1,16 +1,20 @@
-"""What a refresh is to the manager: the refresher seam, outcome counts, backoff.
+"""What a refresh is to the manager: the refresher seam, outcome counts, backoff, the 401 cooldown.
 
-Pure values and decisions; the manager does the awaiting.
+Pure values and decisions (and the cooldown's small memory); the manager
+does the awaiting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
 from sidecar.errors import RefreshTransient
 from sidecar.tokens import TokenPair
+
+log = logging.getLogger("sidecar.manager")
 
 # Backoff after a transient failure: 1 s doubling to 60 s (SPEC §3), with
 # +-20 % jitter so that several sidecars sharing a cloud do not retry in step.
@@ -65,6 +69,54 @@ def cooldown_until(retried: str, forced: str | None, now: float, quiet_until: fl
     if forced is None or retried != forced or now < quiet_until:
         return None
     return now + REJECTION_COOLDOWN
+
+
+class RejectionCooldown:
+    """One token manager's memory against refresh storms from 401s (SPEC §3); no I/O.
+
+    ``clock`` is the manager's, ``current`` gives its current access token.
+    The manager tells it which token a 401-forced refresh handed out
+    (``handed_out``); the 401 policy asks ``withholds_retry`` and reports
+    ``rejected_again``.  The cooldown runs its full REJECTION_COOLDOWN
+    whatever happens to the token meanwhile: scheduled refreshes go on, and
+    neither they nor a new login are evidence that a forced refresh would
+    cure the endpoint's 401s.
+    """
+
+    __slots__ = ("_clock", "_current", "forced", "quiet_until")
+
+    def __init__(self, clock: Callable[[], float], current: Callable[[], str | None]) -> None:
+        self._clock = clock
+        self._current = current
+        # The token the last refresh that a 401 forced handed out, until a
+        # retry with it is rejected again; when 401s may force refreshes again.
+        self.forced: str | None = None
+        self.quiet_until = 0.0
+
+    def handed_out(self, token: str, *, forced: bool) -> str:
+        """``token`` goes to a retry after a 401; remembered if that 401 forced a refresh for it."""
+        if forced:
+            self.forced = token
+        return token
+
+    def withholds_retry(self, token: str) -> bool:
+        """Whether the 401 to ``token`` goes to the client as it came, neither refreshed nor retried.
+
+        True during a cooldown for a 401 to the current token; a 401 to an
+        older token is still retried with the current one, at no refresh.
+        Asked before ``token_rejected``, which, once asked, goes ahead even
+        if a cooldown starts while it waits.
+        """
+        return withholds_retry(token, self._current(), self._clock(), self.quiet_until)
+
+    def rejected_again(self, token: str) -> None:
+        """The retry with ``token`` drew a 401 too: if a 401 had just forced ``token``, cool down."""
+        until = cooldown_until(token, self.forced, self._clock(), self.quiet_until)
+        if until is None:
+            return
+        self.forced = None  # this evidence is used up; only a new forced refresh can start the next cooldown
+        self.quiet_until = until
+        log.warning("a token that a 401 forced was rejected too; 401s force no refresh for %.0f s", REJECTION_COOLDOWN)
 
 
 @dataclasses.dataclass(slots=True)

@@ -278,8 +278,8 @@ async def forced_and_rejected_again(cloud: MockCloud, store_path: Path, manager:
     forced = await manager.token_rejected(rejected)
     assert forced != rejected
     assert cloud.refresh_calls == 1
-    assert not manager.withholds_retry(forced)
-    manager.rejected_again(forced)
+    assert not manager.rejections.withholds_retry(forced)
+    manager.rejections.rejected_again(forced)
     return forced
 
 
@@ -290,11 +290,11 @@ async def test_a_forced_token_rejected_again_withholds_401s_for_thirty_seconds(
     seed_store(store_path, cloud, obtained_at=clock())
     manager = await make_manager()
     forced = await forced_and_rejected_again(cloud, store_path, manager)
-    assert manager.withholds_retry(forced)
+    assert manager.rejections.withholds_retry(forced)
     clock.advance(REJECTION_COOLDOWN - 0.1)
-    assert manager.withholds_retry(forced)
+    assert manager.rejections.withholds_retry(forced)
     clock.advance(0.1)
-    assert not manager.withholds_retry(forced)
+    assert not manager.rejections.withholds_retry(forced)
     assert await manager.token_rejected(forced) != forced
     assert cloud.refresh_calls == 2
 
@@ -307,7 +307,7 @@ async def test_during_the_cooldown_an_older_token_is_retried_with_the_current_on
     assert first is not None
     manager = await make_manager()
     forced = await forced_and_rejected_again(cloud, store_path, manager)
-    assert not manager.withholds_retry(first)
+    assert not manager.rejections.withholds_retry(first)
     assert await manager.token_rejected(first) == forced
     assert cloud.refresh_calls == 1
 
@@ -320,8 +320,8 @@ async def test_a_rejected_retry_with_a_token_no_401_forced_starts_no_cooldown(
     assert current is not None
     manager = await make_manager()
     assert await manager.token_rejected("at_old_token") == current
-    manager.rejected_again(current)
-    assert not manager.withholds_retry(current)
+    manager.rejections.rejected_again(current)
+    assert not manager.rejections.withholds_retry(current)
     assert await manager.token_rejected(current) != current
     assert cloud.refresh_calls == 1
 
@@ -338,7 +338,7 @@ async def test_the_cooldown_outlasts_a_scheduled_refresh(
     scheduled = await manager.access_token()
     assert scheduled != forced
     assert cloud.refresh_calls == 2
-    assert manager.withholds_retry(scheduled)
+    assert manager.rejections.withholds_retry(scheduled)
 
 
 async def test_the_cooldown_outlasts_a_new_login(
@@ -352,7 +352,7 @@ async def test_the_cooldown_outlasts_a_new_login(
     assert login is not None
     await manager.load()
     assert await manager.access_token() == login
-    assert manager.withholds_retry(login)
+    assert manager.rejections.withholds_retry(login)
 
 
 async def test_oauth2_flavor_refreshes_with_form_and_basic_auth(

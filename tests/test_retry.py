@@ -169,6 +169,10 @@ class FakeExchange:
         self.log.append(f"send {token}")
         return FakeAnswer(self.statuses.pop(0), self.log)
 
+    @property
+    def rejections(self) -> FakeExchange:
+        return self
+
     def withholds_retry(self, token: str) -> bool:
         return self.withheld
 

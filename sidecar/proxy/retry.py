@@ -8,12 +8,12 @@ what happened.
   answer's status.
 - ``Withhold(rejected)``: the upstream answered 401 to ``rejected``; send
   back whether that 401 goes to the client as it came, because 401s force no
-  refresh for now (``TokenManager.withholds_retry``).
+  refresh for now (``TokenManager.rejections.withholds_retry``).
 - ``Renew(rejected)``: send back the token to use now
   (``TokenManager.token_rejected``), or throw in the NotLoggedIn or
   RefreshTransient that it raised.
 - ``RejectedAgain(token)``: the replay with ``token`` drew a 401 too; report
-  it (``TokenManager.rejected_again``), send back None.
+  it (``TokenManager.rejections.rejected_again``), send back None.
 
 Withhold is a step of its own, asked before Renew and without I/O: a
 renewal before a replay lets the 401 go first, and a withheld 401 must still
@@ -135,14 +135,21 @@ class Answer(Protocol):
 AnswerT = TypeVar("AnswerT", bound=Answer)
 
 
-class Renewer(Protocol):
-    """What the policy asks of the token manager (``sidecar.manager.TokenManager``)."""
+class Rejections(Protocol):
+    """The cooldown against refresh storms from 401s (``sidecar.refreshing.RejectionCooldown``)."""
 
     def withholds_retry(self, token: str) -> bool: ...
 
-    async def token_rejected(self, token: str) -> str: ...
-
     def rejected_again(self, token: str) -> None: ...
+
+
+class Renewer(Protocol):
+    """What the policy asks of the token manager (``sidecar.manager.TokenManager``)."""
+
+    @property
+    def rejections(self) -> Rejections: ...
+
+    async def token_rejected(self, token: str) -> str: ...
 
 
 async def drive(
@@ -169,9 +176,9 @@ async def drive(
                 held = True
                 reply: Reply = answer.status
             elif isinstance(step, Withhold):
-                reply = renewer.withholds_retry(step.rejected)
+                reply = renewer.rejections.withholds_retry(step.rejected)
             elif isinstance(step, RejectedAgain):
-                renewer.rejected_again(step.token)
+                renewer.rejections.rejected_again(step.token)
                 reply = None
             else:
                 assert answer is not None  # a Renew always follows an Attempt
