@@ -26,6 +26,7 @@ from sidecar.refreshing import (
     Observer,
     Refresher,
     RefreshStats,
+    RejectionCooldown,
     UnsavedPair,
     backoff_delay,
     token_of,
@@ -104,6 +105,7 @@ class TokenManager:
         self._inflight: asyncio.Task[TokenPair] | None = None
         self._background = refresh_in_background
         self._unsaved: UnsavedPair | None = None
+        self.rejections = RejectionCooldown(clock, lambda: self._pair.access_token if self._pair else None)
 
     # -- what callers use -------------------------------------------------
 
@@ -159,24 +161,24 @@ class TokenManager:
         """The token to retry with after the upstream answered 401 to ``token``.
 
         If the current token is already another one, that one; otherwise one
-        forced refresh shared by every caller that was rejected with
-        ``token``.  Raises NotLoggedIn, or RefreshTransient (with
+        forced refresh shared by every caller rejected with ``token``, noted
+        in ``rejections``.  Raises NotLoggedIn, or RefreshTransient (with
         ``retry_after``) while the token endpoint is failing.
         """
         await self._watch.follow(holding_pair=self._pair is not None)
-        for _ in range(2):
+        for refreshes in range(2):
             pair = self._pair
             if pair is None:
                 raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
             if pair.access_token is not None and pair.access_token != token:
-                return pair.access_token
+                return self.rejections.handed_out(pair.access_token, forced=refreshes > 0)
             now = self._clock()
             if self._inflight is None and now < self._backoff_until:
                 raise RefreshTransient(self.stats.last_error or "refresh failing", self._backoff_until - now)
             await self._shared_refresh(rejected=token, force=True)
         if self._pair is None:
             raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
-        return token_of(self._pair)
+        return self.rejections.handed_out(token_of(self._pair), forced=True)
 
     async def force_refresh(self) -> str:
         """Refresh now, whatever the expiry (``sidecar token --force-refresh``)."""

@@ -25,7 +25,15 @@ from sidecar.config import Settings
 from sidecar.errors import NotLoggedIn, RefreshDead, RefreshTransient, StoreError
 from sidecar.manager import TokenManager
 from sidecar.mockcloud import MockCloud
-from sidecar.refreshing import BACKOFF_MAX, MIN_REFRESH_INTERVAL, Refresher, backoff_delay
+from sidecar.refreshing import (
+    BACKOFF_MAX,
+    MIN_REFRESH_INTERVAL,
+    REJECTION_COOLDOWN,
+    Refresher,
+    backoff_delay,
+    cooldown_until,
+    withholds_retry,
+)
 from sidecar.store.file import FileStore, TokenFile
 from sidecar.tokens import TokenPair
 
@@ -240,6 +248,111 @@ async def test_rejected_token_during_backoff_reports_retry_after(
         await manager.token_rejected(rejected)
     assert second.value.retry_after == pytest.approx(backoff_delay(1, 0.5) - 0.5)
     assert cloud.refresh_calls == 1
+
+
+# -- no refresh storms from 401s (SPEC §3) ----------------------------------
+
+
+def test_withholds_retry_only_during_the_cooldown_and_for_the_current_token() -> None:
+    """A 401 is withheld only before the cooldown ends and only when retrying would force a refresh (it rejected the current token)."""
+    assert withholds_retry("current", "current", 100.0, quiet_until=130.0)
+    assert not withholds_retry("current", "current", 130.0, quiet_until=130.0)  # the cooldown is over
+    assert not withholds_retry("current", "current", 100.0, quiet_until=0.0)  # no cooldown ever started
+    assert not withholds_retry("older", "current", 100.0, quiet_until=130.0)  # retried with the current one, no refresh
+    assert not withholds_retry("older", None, 100.0, quiet_until=130.0)  # no access token: refreshed anyway
+
+
+def test_cooldown_until_starts_only_after_the_forced_token_and_is_not_extended() -> None:
+    """Only a retry with the token a 401 forced, rejected again outside a cooldown, starts one of REJECTION_COOLDOWN seconds."""
+    assert cooldown_until("forced", "forced", 100.0, quiet_until=0.0) == 100.0 + REJECTION_COOLDOWN
+    assert cooldown_until("other", "forced", 100.0, quiet_until=0.0) is None  # no refresh was spent on it
+    assert cooldown_until("forced", None, 100.0, quiet_until=0.0) is None  # no 401 forced a refresh
+    assert cooldown_until("forced", "forced", 100.0, quiet_until=120.0) is None  # under way: not extended
+    assert REJECTION_COOLDOWN == 30.0  # SPEC §3
+
+
+async def forced_and_rejected_again(cloud: MockCloud, store_path: Path, manager: TokenManager) -> str:
+    """A 401 forces a refresh, and the retry with its token is rejected again; the token it forced."""
+    rejected = stored(store_path).access_token
+    assert rejected is not None
+    forced = await manager.token_rejected(rejected)
+    assert forced != rejected
+    assert cloud.refresh_calls == 1
+    assert not manager.rejections.withholds_retry(forced)
+    manager.rejections.rejected_again(forced)
+    return forced
+
+
+async def test_a_forced_token_rejected_again_withholds_401s_for_thirty_seconds(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """Once the token a 401 forced draws a 401 again, 401s to it are withheld until 30 s later, then force a refresh again."""
+    seed_store(store_path, cloud, obtained_at=clock())
+    manager = await make_manager()
+    forced = await forced_and_rejected_again(cloud, store_path, manager)
+    assert manager.rejections.withholds_retry(forced)
+    clock.advance(REJECTION_COOLDOWN - 0.1)
+    assert manager.rejections.withholds_retry(forced)
+    clock.advance(0.1)
+    assert not manager.rejections.withholds_retry(forced)
+    assert await manager.token_rejected(forced) != forced
+    assert cloud.refresh_calls == 2
+
+
+async def test_during_the_cooldown_an_older_token_is_retried_with_the_current_one(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """A 401 to a token that is no longer current is not withheld: it is retried with the current token, which costs no refresh."""
+    first = seed_store(store_path, cloud, obtained_at=clock()).access_token
+    assert first is not None
+    manager = await make_manager()
+    forced = await forced_and_rejected_again(cloud, store_path, manager)
+    assert not manager.rejections.withholds_retry(first)
+    assert await manager.token_rejected(first) == forced
+    assert cloud.refresh_calls == 1
+
+
+async def test_a_rejected_retry_with_a_token_no_401_forced_starts_no_cooldown(
+    cloud: MockCloud, store_path: Path, make_manager: ManagerFactory
+) -> None:
+    """A retry with the already-current token (no refresh spent) that draws a 401 again is no evidence: the next 401 still forces a refresh."""
+    current = seed_store(store_path, cloud).access_token
+    assert current is not None
+    manager = await make_manager()
+    assert await manager.token_rejected("at_old_token") == current
+    manager.rejections.rejected_again(current)
+    assert not manager.rejections.withholds_retry(current)
+    assert await manager.token_rejected(current) != current
+    assert cloud.refresh_calls == 1
+
+
+async def test_the_cooldown_outlasts_a_scheduled_refresh(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """Scheduled refreshes go on during the cooldown, and a 401 to the token one of them brought is still withheld."""
+    cloud.access_ttl = 40.0  # due at half its life: 20 s, inside the cooldown
+    seed_store(store_path, cloud, obtained_at=clock())
+    manager = await make_manager()
+    forced = await forced_and_rejected_again(cloud, store_path, manager)
+    clock.advance(20)
+    scheduled = await manager.access_token()
+    assert scheduled != forced
+    assert cloud.refresh_calls == 2
+    assert manager.rejections.withholds_retry(scheduled)
+
+
+async def test_the_cooldown_outlasts_a_new_login(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """A new login landing in the store during the cooldown does not end it: a 401 to its token is withheld too."""
+    seed_store(store_path, cloud, obtained_at=clock())
+    manager = await make_manager()
+    await forced_and_rejected_again(cloud, store_path, manager)
+    login = seed_store(store_path, cloud, obtained_at=clock()).access_token
+    assert login is not None
+    await manager.load()
+    assert await manager.access_token() == login
+    assert manager.rejections.withholds_retry(login)
 
 
 async def test_oauth2_flavor_refreshes_with_form_and_basic_auth(

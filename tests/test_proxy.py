@@ -372,6 +372,95 @@ async def test_persistent_401_is_passed_on_after_one_retry(
     assert cloud.requests_seen == 3  # the request, the refresh, the one retry
 
 
+# -- no refresh storms from 401s (SPEC §3) ----------------------------------
+
+# An endpoint of the mock cloud that answers 401 to a valid token, as one
+# would with insufficient_scope: refreshing never cures it.
+UNCURED_401 = "/api/v1/status/401"
+
+
+async def start_cooldown(proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession) -> None:
+    """Send one request to the uncured 401: it forces one refresh, is retried, and its retry's 401 starts the cooldown."""
+    reply = await fetch(client, "GET", proxy.url + UNCURED_401)
+    assert reply.status == 401
+    assert "X-Sidecar-Retry" not in reply.headers
+    assert cloud.refresh_calls == 1
+    assert cloud.requests_seen == 3  # the request, the refresh, the one retry
+
+
+async def test_a_401_that_a_refresh_did_not_cure_stops_forcing_refreshes(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
+    """After a retry with a freshly forced token is rejected again, 20 more 401s force no refresh and reach the client marked not-retried."""
+    await start_cooldown(proxy, cloud, client)
+    # One after another, as the storm came: concurrent 401s would share one refresh anyway.
+    replies = [await fetch(client, "GET", proxy.url + UNCURED_401) for _ in range(20)]
+    assert cloud.refresh_calls == 1
+    assert cloud.requests_seen == 3 + 20  # each sent once, never retried
+    assert [reply.status for reply in replies] == [401] * 20
+    assert {reply.headers.get("X-Sidecar-Retry") for reply in replies} == {"not-retried"}
+    assert {reply.json()["status"] for reply in replies} == {401}  # the upstream's 401, as it came
+
+
+async def test_after_the_cooldown_a_401_forces_a_refresh_again(
+    proxy: RunningProxy, cloud: MockCloud, clock: FakeClock, client: aiohttp.ClientSession
+) -> None:
+    """29 s into the cooldown a 401 still forces no refresh; at 30 s it forces one again and is retried."""
+    await start_cooldown(proxy, cloud, client)
+    clock.advance(29)
+    held = await fetch(client, "GET", proxy.url + UNCURED_401)
+    assert cloud.refresh_calls == 1
+    assert held.headers.get("X-Sidecar-Retry") == "not-retried"
+    clock.advance(1)
+    retried = await fetch(client, "GET", proxy.url + UNCURED_401)
+    assert retried.status == 401
+    assert "X-Sidecar-Retry" not in retried.headers
+    assert cloud.refresh_calls == 2
+    assert cloud.requests_seen == 3 + 1 + 3
+
+
+async def test_during_the_cooldown_a_revoked_token_is_passed_on_without_a_refresh(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
+    """The cooldown covers every 401 to the current token, on any endpoint: a revoked token's 401 is passed on too, not-retried."""
+    await start_cooldown(proxy, cloud, client)
+    cloud.revoke_access_tokens()
+    reply = await fetch(client, "GET", proxy.url + "/api/v1/echo")
+    assert cloud.refresh_calls == 1
+    assert reply.status == 401
+    assert reply.headers.get("X-Sidecar-Retry") == "not-retried"
+
+
+async def test_during_the_cooldown_a_body_over_replay_limit_forces_no_refresh(
+    login: TokenPair, make_proxy: ProxyFactory, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
+    """A request that could not be replayed anyway forces no refresh during the cooldown either, and is marked not-retried."""
+    p = await make_proxy(replay_limit=1024)
+    await start_cooldown(p, cloud, client)
+    reply = await fetch(client, "POST", p.url + UNCURED_401, data=os.urandom(4096))
+    assert cloud.refresh_calls == 1
+    assert reply.status == 401
+    assert reply.headers.get("X-Sidecar-Retry") == "not-retried"
+
+
+async def test_a_websocket_handshake_401_that_a_refresh_did_not_cure_stops_forcing_refreshes(
+    proxy: RunningProxy, cloud: MockCloud, client: aiohttp.ClientSession
+) -> None:
+    """WebSocket handshakes follow the same cooldown: the second refused handshake forces no refresh and says not-retried."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as first:
+        await client.ws_connect(proxy.url + UNCURED_401)
+    assert first.value.status == 401
+    assert cloud.refresh_calls == 1
+    assert cloud.requests_seen == 3
+    with pytest.raises(aiohttp.WSServerHandshakeError) as second:
+        await client.ws_connect(proxy.url + UNCURED_401)
+    assert cloud.refresh_calls == 1
+    assert cloud.requests_seen == 4
+    assert second.value.status == 401
+    assert second.value.headers is not None
+    assert second.value.headers.get("X-Sidecar-Retry") == "not-retried"
+
+
 # -- a refresh token that dies mid-traffic ---------------------------------
 
 

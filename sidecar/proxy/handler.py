@@ -257,7 +257,7 @@ class Proxy:
 
         try:
             ending, response = await retry.drive(
-                retry.after_401(token, replayable=replayable), send, self._manager.token_rejected, outcome
+                retry.after_401(token, replayable=replayable), send, self._manager, outcome
             )
         except UpstreamTimeout:
             return self._problem(outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer in time.")
@@ -271,7 +271,7 @@ class Proxy:
             upstream,
             outcome,
             self._settings.read_timeout,
-            not_replayable=ending is retry.Ending.NOT_REPLAYABLE,
+            retry_header=ending.retry_header,
         )
 
     async def _websocket(self, request: web.BaseRequest, url: str, outcome: Outcome) -> web.StreamResponse:
@@ -288,9 +288,7 @@ class Proxy:
             return answer
 
         try:
-            _, answer = await retry.drive(
-                retry.after_401(token, replayable=True), send, self._manager.token_rejected, outcome
-            )
+            ending, answer = await retry.drive(retry.after_401(token, replayable=True), send, self._manager, outcome)
         except retry.RENEWAL_FAILURES as exc:
             return self._renewal_problem(exc, outcome)
         if isinstance(answer.error, TimeoutError):
@@ -304,12 +302,15 @@ class Proxy:
                 f"The upstream could not be reached ({type(answer.error).__name__}).",
             )
         if answer.socket is None:
-            return self._problem(
+            refused = self._problem(
                 outcome,
                 problems.UPSTREAM_REFUSED_UPGRADE,
                 f"The upstream answered the WebSocket handshake with HTTP {answer.status}.",
                 status=answer.status if 400 <= answer.status <= 599 else 502,
             )
+            if ending.retry_header is not None:
+                refused.headers["X-Sidecar-Retry"] = ending.retry_header
+            return refused
         outcome.status = 101
         return await websocket.relay(request, answer.socket)
 

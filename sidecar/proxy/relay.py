@@ -44,16 +44,19 @@ async def relay(
     outcome: Outcome,
     read_timeout: float,
     *,
-    not_replayable: bool,
+    retry_header: str | None,
 ) -> web.StreamResponse:
-    """Send the upstream's ``answer`` to the client, streaming its body; the answer is released at the end."""
+    """Send the upstream's ``answer`` to the client, streaming its body; the answer is released at the end.
+
+    ``retry_header`` is the ``X-Sidecar-Retry`` value to add (why a 401 was not retried), or None.
+    """
     try:
         headers = response_headers(answer.headers)
         location = headers.get("Location")
         if location is not None:
             headers["Location"] = upstream.local_location(location, request.headers.get("Host", "127.0.0.1"))
-        if not_replayable:
-            headers["X-Sidecar-Retry"] = "not-replayable"
+        if retry_header is not None:
+            headers["X-Sidecar-Retry"] = retry_header
         status = answer.status
         reason = answer.reason.decode("latin-1") or None
         outcome.status = status
