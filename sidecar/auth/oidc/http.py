@@ -1,0 +1,92 @@
+"""The one seam where sidecar's OIDC code talks HTTP to the provider.
+
+Every call reads at most 1 MiB, has a total deadline, never follows a
+redirect, and turns aiohttp's exceptions into ProviderError.  What comes back
+is an Answer: the status and the JSON object of the body (empty when the
+body is not one), never free text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from sidecar import __version__
+from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
+from sidecar.errors import SidecarError
+
+# One call to the provider (discovery, a token, a device code, revocation,
+# userinfo) gets this long in all, like a refresh.
+CALL_TIMEOUT = 30.0
+_HEADERS = {"Accept": "application/json", "User-Agent": f"sidecar/{__version__}"}
+_FORM = "application/x-www-form-urlencoded"
+
+
+class ProviderError(SidecarError):
+    """The provider could not be reached, or answered something sidecar cannot use."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """A provider's answer: its status and the JSON object it carried (empty when it carried none)."""
+
+    status: int
+    document: Mapping[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def error(self) -> str | None:
+        """The RFC 6749 §5.2 ``error`` code, if it is fit to print."""
+        return error_code(self.document.get("error"))
+
+    def describe(self) -> str:
+        """``HTTP 400 (invalid_grant)``: the status and the error code, for one line of output."""
+        return f"HTTP {self.status}" + (f" ({self.error})" if self.error else "")
+
+
+async def post_form(
+    session: aiohttp.ClientSession,
+    url: str,
+    form: Mapping[str, str],
+    *,
+    what: str,
+    headers: Mapping[str, str] | None = None,
+) -> Answer:
+    """POST ``form`` (urlencoded) to ``url``; ``what`` names the endpoint in errors."""
+    body = urlencode(dict(form)).encode("ascii")
+    return await _call(
+        session, "POST", url, what=what, data=body, headers={**_HEADERS, "Content-Type": _FORM, **(headers or {})}
+    )
+
+
+async def get_json(
+    session: aiohttp.ClientSession, url: str, *, what: str, headers: Mapping[str, str] | None = None
+) -> Answer:
+    """GET ``url`` asking for JSON; ``what`` names the endpoint in errors."""
+    return await _call(session, "GET", url, what=what, headers={**_HEADERS, **(headers or {})})
+
+
+async def _call(session: aiohttp.ClientSession, method: str, url: str, *, what: str, **options: Any) -> Answer:
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
+    try:
+        async with session.request(method, url, timeout=timeout, allow_redirects=False, **options) as response:
+            status = response.status
+            body = await read_capped(response)
+    except AnswerTooLarge:
+        raise ProviderError(f"the {what} answered with a body over 1 MiB") from None
+    except TimeoutError:
+        raise ProviderError(f"the {what} timed out") from None
+    except aiohttp.InvalidURL:
+        raise ProviderError(f"the {what}'s URL is not valid") from None
+    except aiohttp.ClientError as exc:
+        raise ProviderError(f"the {what} could not be reached ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise ProviderError(f"the {what} could not be reached ({exc.strerror or type(exc).__name__})") from None
+    return Answer(status, json_object(body))
