@@ -2,18 +2,22 @@
 
 It listens on ``127.0.0.1`` at a port the kernel picks, answers
 ``/callback`` by handing the query to a judge, shows the browser the judge's
-small page, and stops with the listener.  It knows nothing about tokens.
+small page, and stops with the listener.  It knows nothing about tokens.  A
+judge may be a coroutine (the OIDC code flow exchanges the code before it
+tells the browser how the login went).
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 from aiohttp import web
 
 CALLBACK_PATH = "/callback"
+
+Judge = Callable[[Mapping[str, str]], web.Response | Awaitable[web.Response]]
 
 _PAGE = "<!doctype html><meta charset=utf-8><title>sidecar login</title><h1>{title}</h1><p>{text}</p>\n"
 
@@ -29,11 +33,12 @@ def page(status: int, title: str, text: str) -> web.Response:
 
 
 @asynccontextmanager
-async def loopback_callback(judge: Callable[[Mapping[str, str]], web.Response]) -> AsyncIterator[str]:
+async def loopback_callback(judge: Judge) -> AsyncIterator[str]:
     """Listen for the redirect; yields the ``redirect_uri`` to send the browser to."""
 
     async def callback(request: web.Request) -> web.Response:
-        return judge(request.query)
+        answer = judge(request.query)
+        return answer if isinstance(answer, web.Response) else await answer
 
     app = web.Application()
     app.router.add_get(CALLBACK_PATH, callback)
