@@ -7,16 +7,19 @@ sidecar's; nothing here caches or persists.
 
 from __future__ import annotations
 
-import base64
 import logging
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
 
 from sidecar import __version__
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
+from sidecar.auth.oidc.client_auth import client_credentials
+from sidecar.auth.oidc.discovery import provider_metadata
+from sidecar.auth.oidc.grant import endpoint
+from sidecar.auth.oidc.http import ProviderError
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
 from sidecar.tokens import TokenPair, pair_from_grant
@@ -114,32 +117,36 @@ class RelayRefresher(HttpRefresher):
 
 
 class OAuth2Refresher(HttpRefresher):
-    """RFC 6749 §6: a form POST to ``token_url`` with ``grant_type=refresh_token``.
+    """RFC 6749 §6: a form POST to the token endpoint with ``grant_type=refresh_token``.
 
-    Client credentials go in HTTP Basic when both id and secret are set,
-    else ``client_id`` goes in the form (a public client).
+    The endpoint is ``token_url``, else the one discovered from ``issuer``
+    (cached for the process).  The client authenticates as ``client_auth``
+    says (auth/oidc/client_auth.py); unset, that is HTTP Basic when both id
+    and secret are set, else ``client_id`` in the form (a public client).
     """
+
+    _token_endpoint: str | None = None
+
+    async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
+        if not self._settings.token_url and self._token_endpoint is None:
+            try:
+                metadata = await provider_metadata(self._session, self._settings)
+            except ProviderError as exc:
+                raise RefreshTransient(f"discovery failed: {exc}") from None
+            self._token_endpoint = endpoint(metadata, "token_endpoint")
+        return await super().refresh(pair, now)
 
     def _request(self, pair: TokenPair) -> tuple[str, dict[str, Any]]:
         settings = self._settings
-        if not settings.token_url:
-            raise ConfigError("token_url: required when flavor is oauth2")
-        form = {"grant_type": "refresh_token", "refresh_token": pair.refresh_token}
-        options: dict[str, Any] = {"headers": {"Content-Type": "application/x-www-form-urlencoded", **_HEADERS}}
-        if settings.client_id and settings.client_secret:
-            options["headers"]["Authorization"] = basic_credentials(settings.client_id, settings.client_secret)
-        elif settings.client_id:
-            form["client_id"] = settings.client_id
+        url = settings.token_url or self._token_endpoint
+        if not url:
+            raise ConfigError("token_url: required when flavor is oauth2 (or set issuer to discover it)")
+        credentials = client_credentials(settings, required=False)
+        form = {"grant_type": "refresh_token", "refresh_token": pair.refresh_token, **credentials.form}
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **_HEADERS, **credentials.headers}
         if settings.scope:
             form["scope"] = settings.scope
-        options["data"] = urlencode(form).encode("ascii")
-        return settings.token_url, options
-
-
-def basic_credentials(client_id: str, client_secret: str) -> str:
-    """RFC 6749 §2.3.1: both parts form-urlencoded, then HTTP Basic."""
-    raw = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
-    return "Basic " + base64.b64encode(raw).decode("ascii")
+        return url, {"headers": headers, "data": urlencode(form).encode("ascii")}
 
 
 def make_refresher(session: aiohttp.ClientSession, settings: Settings) -> HttpRefresher:
