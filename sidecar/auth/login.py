@@ -4,6 +4,8 @@ Callback: a one-shot listener on ``127.0.0.1:<random port>/callback`` receives
 the cloud's redirect; ``state`` must match.  Poll: a one-time code the user
 opens on any device while this command polls the cloud.  Either way the pair
 lands in the store with its expiry, atomically and under the store lock.
+The oauth2 flavor logs in to a standard provider instead (SPEC §8,
+sidecar/auth/oidc/): the code flow by default, ``--flow device`` headless.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from aiohttp import web
 
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.auth.callback import loopback_callback, page
+from sidecar.auth.oidc.device import DevicePrompt
+from sidecar.auth.oidc.login import BROWSER_FLOW, DEVICE_FLOW, check_login_settings, device_instructions, oauth2_login
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound, client_session
 from sidecar.errors import ConfigError, LoginError, RefreshTransient
@@ -169,20 +173,10 @@ async def login_upstream(settings: Settings) -> str:
     raise ConfigError("upstream: login needs the cloud API URL: --upstream API or SIDECAR_UPSTREAM")
 
 
-async def login_command(
-    settings: Settings, *, flow: str, open_browser: bool, timeout: float = LOGIN_TIMEOUT, err: TextIO = sys.stderr
-) -> int:
-    """Log in with the chosen flow and store the pair; exit 0, or LoginError (exit 1)."""
-    upstream = await login_upstream(settings)
+def _browser_announcer(open_browser: bool, err: TextIO) -> Announce:
+    """Print the login URL, and open it in a browser when asked to and one is likely to show."""
 
     def announce(url: str) -> None:
-        if flow == "poll":
-            print(
-                f"To log in, open this URL on any device and approve:\n\n    {url}\n\nWaiting for approval...",
-                file=err,
-                flush=True,
-            )
-            return
         print(f"To log in, open this URL in your browser:\n\n    {url}\n", file=err, flush=True)
         if open_browser and _graphical_browser_likely():
             try:
@@ -191,16 +185,71 @@ async def login_command(
                 pass
         print("Waiting for the browser to come back...", file=err, flush=True)
 
-    if flow == "poll":
+    return announce
+
+
+def _expiry(pair: TokenPair) -> str:
+    if pair.expires_at:
+        return f"expires {format_timestamp(pair.expires_at)}"
+    return "has no expiry: it will be refreshed on first use"
+
+
+async def login_command(
+    settings: Settings, *, flow: str, open_browser: bool, timeout: float = LOGIN_TIMEOUT, err: TextIO = sys.stderr
+) -> int:
+    """Log in with the chosen flow and store the pair; exit 0, or LoginError (exit 1).
+
+    ``device`` and ``poll`` both name the headless flow of the configured flavor.
+    """
+    if settings.flavor == "oauth2":
+        return await oauth2_login_command(settings, flow=flow, open_browser=open_browser, timeout=timeout, err=err)
+    upstream = await login_upstream(settings)
+
+    if flow in ("poll", DEVICE_FLOW):
+
+        def announce(url: str) -> None:
+            print(
+                f"To log in, open this URL on any device and approve:\n\n    {url}\n\nWaiting for approval...",
+                file=err,
+                flush=True,
+            )
+
         async with client_session(settings, Outbound(settings)) as session:
             pair = await poll_flow(upstream, session, timeout=timeout, announce=announce)
     else:
-        pair = await callback_flow(upstream, timeout=timeout, announce=announce)
+        pair = await callback_flow(upstream, timeout=timeout, announce=_browser_announcer(open_browser, err))
     await save_login(settings, pair)
-    expiry = (
-        f"expires {format_timestamp(pair.expires_at)}"
-        if pair.expires_at
-        else "has no expiry: it will be refreshed on first use"
+    print(f"Logged in to {upstream}. The access token {_expiry(pair)}. Stored in {settings.store}.", file=err)
+    return 0
+
+
+async def oauth2_login_command(
+    settings: Settings, *, flow: str, open_browser: bool, timeout: float = LOGIN_TIMEOUT, err: TextIO = sys.stderr
+) -> int:
+    """Log in at the provider ``issuer`` names (SPEC §8) and store the pair; the store is untouched on failure."""
+    check_login_settings(settings)
+    previous = (await open_store(settings.store).read()).pair
+    api_url = settings.upstream or (previous.api_url if previous is not None else None)
+    headless = flow in ("poll", DEVICE_FLOW)
+
+    def show(prompt: DevicePrompt) -> None:
+        print(device_instructions(prompt), file=err, flush=True)
+
+    async with client_session(settings, Outbound(settings)) as session:
+        pair, claims = await oauth2_login(
+            session,
+            settings,
+            flow=DEVICE_FLOW if headless else BROWSER_FLOW,
+            announce=_browser_announcer(open_browser, err),
+            show=show,
+            timeout=timeout,
+            api_url=api_url,
+        )
+    await save_login(settings, pair)
+    who = f" as {claims.name or claims.email or claims.subject}" if claims is not None else ""
+    print(
+        f"Logged in at {settings.issuer}{who}. The access token {_expiry(pair)}. Stored in {settings.store}.", file=err
     )
-    print(f"Logged in to {upstream}. The access token {expiry}. Stored in {settings.store}.", file=err)
+    if api_url is None:
+        print("Give sidecar serve the API these tokens are for: --upstream URL.", file=err)
     return 0

@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--no-browser", action="store_true", help="print the login URL instead of opening a browser")
     login.add_argument(
         "--flow",
-        choices=("callback", "poll"),
+        choices=("callback", "poll", "device"),
         default="callback",
-        help="callback (browser on this machine) or poll (headless, any device)",
+        help="callback (browser on this machine) or poll/device (headless, any device: the relay poll, the oauth2 device grant)",
     )
     login.add_argument("--login-timeout", type=float, default=300.0, help=argparse.SUPPRESS)
 
