@@ -19,6 +19,7 @@ from sidecar.mockcloud.api import ApiRoutes
 from sidecar.mockcloud.control import ControlRoutes, is_control_path
 from sidecar.mockcloud.ledger import TokenLedger
 from sidecar.mockcloud.login import LoginRoutes
+from sidecar.mockcloud.oidc import OidcRoutes
 from sidecar.mockcloud.refresh import RefreshRoutes
 from sidecar.mockcloud.stopping import StopSignal
 from sidecar.mockcloud.switches import Countdown, RefreshSwitches
@@ -88,7 +89,11 @@ class MockCloud:
         self._stop_signal = StopSignal()
         self._api = ApiRoutes(self, self._stop_signal.pause, bytes_handler=self._bytes)
         self._login = LoginRoutes(self)
-        self._refresh = RefreshRoutes(self, self._ledger, self._refresh_switches, self._stop_signal.pause)
+        # The OIDC provider: its clients, switches and test hooks are reached as cloud.oidc.
+        self.oidc = OidcRoutes(self, self._ledger)
+        self._refresh = RefreshRoutes(
+            self, self._ledger, self._refresh_switches, self._stop_signal.pause, other_grants=self.oidc.token
+        )
         self._control = ControlRoutes(self)
         self._runner: web.AppRunner | None = None
         self.app = self.make_app()
@@ -199,6 +204,7 @@ class MockCloud:
         self._api.add_to(app.router, p)
         self._login.add_to(app.router, p)
         self._refresh.add_to(app.router, p)
+        self.oidc.add_to(app.router, p)
         self._control.add_to(app.router, p)
         return app
 

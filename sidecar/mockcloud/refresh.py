@@ -18,7 +18,7 @@ from aiohttp import web
 from sidecar.mockcloud.ledger import Rotation, TokenLedger
 from sidecar.mockcloud.stopping import Pause
 from sidecar.mockcloud.switches import RefreshSwitches
-from sidecar.mockcloud.wire import iso_timestamp, json_response
+from sidecar.mockcloud.wire import Handler, iso_timestamp, json_response
 
 # What each flavor answers for a dead refresh token (SPEC §1).
 RELAY_DEAD_STATUS = 403
@@ -109,13 +109,26 @@ class RefreshHost(Protocol):
 
 
 class RefreshRoutes:
-    """``/api/v1/auth/token/refresh`` (relay) and ``/oauth/token`` (OAuth2)."""
+    """``/api/v1/auth/token/refresh`` (relay) and ``/oauth/token`` (OAuth2).
 
-    def __init__(self, cloud: RefreshHost, ledger: TokenLedger, switches: RefreshSwitches, pause: Pause) -> None:
+    ``other_grants`` answers the token endpoint's grants other than
+    refresh_token (the OIDC logins, oidc.py); those count as no refresh call.
+    """
+
+    def __init__(
+        self,
+        cloud: RefreshHost,
+        ledger: TokenLedger,
+        switches: RefreshSwitches,
+        pause: Pause,
+        *,
+        other_grants: Handler | None = None,
+    ) -> None:
         self._cloud = cloud
         self._ledger = ledger
         self._switches = switches
         self._pause = pause
+        self._other_grants = other_grants
 
     def add_to(self, router: web.UrlDispatcher, prefix: str) -> None:
         """Register both refresh routes under ``prefix``."""
@@ -150,8 +163,10 @@ class RefreshRoutes:
 
     async def _oauth_refresh(self, request: web.Request) -> web.StreamResponse:
         """OAuth2 flavor (RFC 6749 §6): form in, ``access_token``/``refresh_token``/``expires_in`` out."""
-        self._cloud.refresh_calls += 1
         form = {k: str(v) for k, v in (await request.post()).items()}
+        if form.get("grant_type") != "refresh_token" and self._other_grants is not None:
+            return await self._other_grants(request)
+        self._cloud.refresh_calls += 1
         basic = basic_credentials(request.headers.get("Authorization", ""))
         self._cloud.last_oauth_form = form
         self._cloud.last_oauth_basic = basic
