@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from sidecar.auth.hint import login_hint
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
@@ -332,8 +333,7 @@ class Proxy:
         return response
 
     def _relogin(self, outcome: Outcome) -> web.Response:
-        upstream = self._settings.upstream or self._manager.api_url
-        hint = f"sidecar login --upstream {upstream or '<API>'}"
+        hint = login_hint(self._settings, self._manager.api_url)
         reason = self._manager.problem or "not logged in"
         return self._problem(
             outcome,
