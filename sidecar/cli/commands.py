@@ -16,12 +16,18 @@ import aiohttp
 import orjson
 
 from sidecar.auth.answers import AnswerTooLarge, read_capped
+from sidecar.auth.hint import login_hint as flavor_login_hint
 from sidecar.auth.imported import pair_from_import
+from sidecar.auth.oidc.discovery import provider_metadata
+from sidecar.auth.oidc.http import ProviderError
+from sidecar.auth.oidc.revocation import Revocation, revoke
+from sidecar.auth.oidc.userinfo import account
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound, client_session
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
+from sidecar.refreshing import LOCK_TIMEOUT
 from sidecar.store.interface import StoreSnapshot, clear_store, write_pair
 from sidecar.store.location import open_store
 from sidecar.tokens import TokenPair, format_timestamp
@@ -65,8 +71,7 @@ async def token_command(settings: Settings, *, force: bool, out: TextIO = sys.st
 
 
 def login_hint(settings: Settings, pair: TokenPair | None = None) -> str:
-    upstream = settings.upstream or (pair.api_url if pair else None)
-    return f"sidecar login --upstream {upstream}" if upstream else "sidecar login --upstream <API>"
+    return flavor_login_hint(settings, pair.api_url if pair else None)
 
 
 def import_command(
@@ -98,13 +103,61 @@ def import_command(
 
 
 def logout_command(settings: Settings, *, err: TextIO = sys.stderr) -> int:
-    """Delete the store; logging out twice is not an error."""
+    """Delete the store; logging out twice is not an error.
+
+    In the oauth2 flavor the refresh token is revoked at the provider first
+    (SPEC §8); the store is cleared whether or not that worked, and the exit
+    code is 1 unless both did.
+    """
+    if settings.flavor == "oauth2":
+        return asyncio.run(_oauth2_logout(settings, err))
     store = open_store(settings.store)
     if not asyncio.run(clear_store(store)):
         _say(err, f"not logged in; nothing to clear at {store.description}")
         return 0
     _say(err, f"logged out; removed {store.description}")
     return 0
+
+
+async def _oauth2_logout(settings: Settings, err: TextIO) -> int:
+    store = open_store(settings.store)
+    if (await store.read()).pair is None:
+        cleared = await clear_store(store)  # an unreadable store is still removed
+        _say(
+            err,
+            f"logged out; removed {store.description}"
+            if cleared
+            else f"not logged in; nothing to clear at {store.description}",
+        )
+        return 0
+    async with _client_session(settings) as session:
+        try:
+            metadata = await provider_metadata(session, settings)
+        except (ProviderError, ConfigError) as exc:
+            metadata, revocation = None, Revocation(False, str(exc))
+        # Under the refresh lock, so that a running serve cannot rotate the pair
+        # between the revocation and the clearing.
+        async with store.refresh_lock(LOCK_TIMEOUT):
+            pair = (await store.read()).pair
+            if metadata is not None:
+                revocation = await revoke(session, settings, metadata, pair.refresh_token) if pair else Revocation(True)
+            await store.clear()
+    if revocation.revoked:
+        _say(err, f"logged out; revoked the refresh token at the provider and removed {store.description}")
+        return 0
+    if revocation.problem is None:
+        _say(
+            err,
+            f"logged out; removed {store.description} (the provider has no revocation endpoint: "
+            "the refresh token stays valid there until it expires)",
+        )
+        return 0
+    _say(
+        err,
+        f"revocation failed ({revocation.problem}): the refresh token may still be valid at the provider; "
+        f"removed {store.description} anyway",
+    )
+    return 1
 
 
 async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[str, Any]:
@@ -141,7 +194,10 @@ async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[s
         if pair.expires_at is not None:
             report["expiresAt"] = format_timestamp(pair.expires_at)
             report["secondsToExpiry"] = round(pair.expires_at - clock())
-        if token and api_url:
+        if token and settings.flavor == "oauth2":
+            report["user"], problem = await account(session, settings, token)
+            report["problem"] = report["problem"] or problem
+        elif token and api_url:
             report["user"], problem = await _whoami(session, api_url, token)
             report["problem"] = report["problem"] or problem
     return report
@@ -195,7 +251,13 @@ async def status_command(settings: Settings, *, as_json: bool, out: TextIO = sys
     who = user.get("name") or user.get("email") or "an unknown user"
     if user.get("name") and user.get("email"):
         who = f"{user['name']} <{user['email']}>"
-    print(f"Logged in to {report['apiUrl']} as {who}.", file=out)
+    if user.get("sub"):
+        who += f" (subject {user['sub']})"
+    if settings.flavor == "oauth2":
+        where = f"at {settings.issuer or settings.token_url}" + (f" for {report['apiUrl']}" if report["apiUrl"] else "")
+    else:
+        where = f"to {report['apiUrl']}"
+    print(f"Logged in {where} as {who}.", file=out)
     if report["expiresAt"] is None:
         print("Access token expiry unknown: it is refreshed on next use.", file=out)
     else:

@@ -10,7 +10,10 @@ import dataclasses
 
 import aiohttp
 
+from sidecar.auth.oidc.discovery import provider_metadata
 from sidecar.auth.oidc.http import ProviderError, get_json
+from sidecar.config import Settings
+from sidecar.errors import ConfigError
 
 # A claim longer than this is not a name anybody wants on one line of status.
 MAX_CLAIM = 256
@@ -57,3 +60,20 @@ async def userinfo(session: aiohttp.ClientSession, url: str, access_token: str) 
         ),
         None,
     )
+
+
+async def account(
+    session: aiohttp.ClientSession, settings: Settings, access_token: str
+) -> tuple[dict[str, str] | None, str | None]:
+    """``status``'s user for the oauth2 flavor: sub/name/email from the discovered userinfo endpoint.
+
+    None and no problem when there is no endpoint to ask (no issuer, or none advertised).
+    """
+    try:
+        metadata = await provider_metadata(session, settings)
+    except (ProviderError, ConfigError) as exc:
+        return None, str(exc)
+    if metadata.userinfo_endpoint is None:
+        return None, None
+    found, problem = await userinfo(session, metadata.userinfo_endpoint, access_token)
+    return (found.as_dict() if found is not None else None), problem
