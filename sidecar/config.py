@@ -328,8 +328,14 @@ def load_settings(
     flags: Mapping[str, object] | None = None,
     env: Mapping[str, str] | None = None,
     config_path: str | None = None,
+    *,
+    provider_needed: bool = True,
 ) -> Settings:
-    """Build Settings from flags (already named by key), environment and TOML."""
+    """Build Settings from flags (already named by key), environment and TOML.
+
+    ``provider_needed`` false (``demo``, ``mock-cloud``: they bring their own
+    provider) lets the oauth2 flavor go without token_url or issuer.
+    """
     flags = flags or {}
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -361,6 +367,6 @@ def load_settings(
     settings = Settings(**values)
     if settings.client_key_file and not settings.client_cert:
         raise ConfigError("client_key: set client_cert too (the certificate the key belongs to)")
-    if settings.flavor == "oauth2" and not (settings.token_url or settings.issuer):
+    if provider_needed and settings.flavor == "oauth2" and not (settings.token_url or settings.issuer):
         raise ConfigError("token_url: required when flavor is oauth2 (or set issuer to discover it)")
     return settings

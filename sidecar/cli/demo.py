@@ -1,7 +1,10 @@
 """``sidecar demo``: a mock cloud with short-lived tokens, a real login, and the proxy.
 
 Everything runs in this process on loopback with a throwaway token store, so
-the demo never touches a real login.  Ctrl-C stops it all and exits 0.
+the demo never touches a real login.  Ctrl-C stops it all and exits 0.  With
+``--flavor oauth2`` the mock cloud is also the OpenID Connect provider: the
+login is discovery + authorization code + PKCE, refreshes go to its token
+endpoint.
 """
 
 from __future__ import annotations
@@ -12,17 +15,22 @@ import dataclasses
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 import aiohttp
 
 from sidecar.auth.login import callback_flow, save_login
+from sidecar.auth.oidc.login import BROWSER_FLOW, oauth2_login
 from sidecar.config import Settings
+from sidecar.egress.outbound import Outbound, client_session
 from sidecar.mockcloud import MockCloud
+from sidecar.mockcloud.oidc_parts import DEFAULT_CLIENT_ID
 from sidecar.server.app import Sidecar
 from sidecar.server.listen import parse_listen
 from sidecar.server.serve import install_uvloop, serve
+from sidecar.tokens import TokenPair
 
 
 async def _act_as_browser(url: str) -> None:
@@ -31,13 +39,21 @@ async def _act_as_browser(url: str) -> None:
         await response.read()
 
 
-def instructions(proxy_url: str, cloud_url: str, store: str, access_ttl: float) -> str:
+def instructions(proxy_url: str, cloud_url: str, store: str, access_ttl: float, *, oauth2: bool = False) -> str:
+    provider = (
+        f"""  provider   : {cloud_url}  (issuer; client id {DEFAULT_CLIENT_ID}, a public client)
+  curl -s '{cloud_url}/.well-known/openid-configuration'
+  sidecar status --store '{store}' --flavor oauth2 --issuer '{cloud_url}' --client-id {DEFAULT_CLIENT_ID}
+"""
+        if oauth2
+        else ""
+    )
     return f"""
 sidecar demo is running.
   mock cloud : {cloud_url}  (access tokens live {access_ttl:g} s)
   proxy      : {proxy_url}
   token store: {store}  (temporary, removed on exit)
-
+{provider}
 Try, in another terminal:
   curl -s '{proxy_url}/api/v1/auth/whoami'
   curl -s '{proxy_url}/api/v1/echo?hello=world'
@@ -56,24 +72,49 @@ async def run_demo(settings: Settings, *, access_ttl: float, cloud_port: int, ou
     cloud_url = await cloud.start("127.0.0.1", cloud_port)
     try:
         settings = dataclasses.replace(settings, upstream=cloud_url)
+        oauth2 = settings.flavor == "oauth2"
+        if oauth2:
+            # The mock cloud is the provider; its public client needs no secret.
+            settings = dataclasses.replace(
+                settings, issuer=cloud_url, token_url=None, client_id=DEFAULT_CLIENT_ID, client_auth=None
+            )
+        flow = "the authorization code flow with PKCE" if oauth2 else "the browser flow"
         print(
-            f"Logging in to the mock cloud at {cloud_url} through the browser flow (the demo plays the browser)...",
+            f"Logging in to the mock cloud at {cloud_url} through {flow} (the demo plays the browser)...",
             file=out,
             flush=True,
         )
         pending: list[asyncio.Task[None]] = []
-        pair = await callback_flow(
-            cloud_url, timeout=30, announce=lambda url: pending.append(asyncio.ensure_future(_act_as_browser(url)))
+
+        def browse(url: str) -> None:
+            pending.append(asyncio.ensure_future(_act_as_browser(url)))
+
+        pair = await (
+            _oauth2_login(settings, browse) if oauth2 else callback_flow(cloud_url, timeout=30, announce=browse)
         )
         await asyncio.gather(*pending)
         await save_login(settings, pair)
 
         def ready(url: str, _sidecar: Sidecar) -> None:
-            print(instructions(url, cloud_url, settings.store, access_ttl), file=out, flush=True)
+            print(instructions(url, cloud_url, settings.store, access_ttl, oauth2=oauth2), file=out, flush=True)
 
         await serve(settings, address, ready=ready)
     finally:
         await cloud.stop()
+
+
+async def _oauth2_login(settings: Settings, browse: Callable[[str], None]) -> TokenPair:
+    async with client_session(settings, Outbound(settings)) as session:
+        pair, _claims = await oauth2_login(
+            session,
+            settings,
+            flow=BROWSER_FLOW,
+            announce=browse,
+            show=lambda _prompt: None,
+            timeout=30,
+            api_url=settings.upstream,
+        )
+    return pair
 
 
 def demo_command(settings: Settings, *, access_ttl: float, cloud_port: int, out: TextIO = sys.stdout) -> int:

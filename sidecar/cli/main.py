@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     flags = {key: getattr(args, key) for key in KEYS if getattr(args, key, None) is not None}
-    return load_settings(flags, env, getattr(args, "config", None))
+    # The demo and the mock cloud bring their own provider.
+    provider_needed = args.command not in ("demo", "mock-cloud")
+    return load_settings(flags, env, getattr(args, "config", None), provider_needed=provider_needed)
 
 
 def _message(record: logging.LogRecord) -> str:
