@@ -92,7 +92,7 @@ class MockCloud:
         # The OIDC provider: its clients, switches and test hooks are reached as cloud.oidc.
         self.oidc = OidcRoutes(self, self._ledger)
         self._refresh = RefreshRoutes(
-            self, self._ledger, self._refresh_switches, self._stop_signal.pause, other_grants=self.oidc.token
+            self, self._ledger, self._refresh_switches, self._stop_signal.pause, other_grants=self.oidc.grants()
         )
         self._control = ControlRoutes(self)
         self._runner: web.AppRunner | None = None

@@ -39,7 +39,7 @@ from sidecar.mockcloud.oidc_parts import (
     s256_matches,
 )
 from sidecar.mockcloud.refresh import basic_credentials
-from sidecar.mockcloud.wire import json_response
+from sidecar.mockcloud.wire import Handler, json_response
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # Authorization codes are short-lived (RFC 6749 §4.1.2 recommends at most 10 minutes).
@@ -172,8 +172,12 @@ class OidcRoutes:
 
     # -- the token endpoint's login grants ---------------------------------
 
+    def grants(self) -> dict[str, Handler]:
+        """The token endpoint's grants this provider answers, for refresh.py's ``/oauth/token`` to hand over."""
+        return {"authorization_code": self.token, DEVICE_GRANT: self.token}
+
     async def token(self, request: web.Request) -> web.StreamResponse:
-        """The authorization_code and device_code grants of ``/oauth/token`` (refresh.py sends them here)."""
+        """The authorization_code and device_code grants of ``/oauth/token``."""
         form = {k: str(v) for k, v in (await request.post()).items()}
         self.switches.seen["token"] = form
         client_id = authenticate(self.clients, form, basic_credentials(request.headers.get("Authorization", "")))

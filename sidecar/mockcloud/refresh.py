@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
@@ -111,8 +112,8 @@ class RefreshHost(Protocol):
 class RefreshRoutes:
     """``/api/v1/auth/token/refresh`` (relay) and ``/oauth/token`` (OAuth2).
 
-    ``other_grants`` answers the token endpoint's grants other than
-    refresh_token (the OIDC logins, oidc.py); those count as no refresh call.
+    ``other_grants`` answers the token endpoint's other grants, by
+    grant_type (the OIDC logins, oidc.py); those count as no refresh call.
     """
 
     def __init__(
@@ -122,13 +123,13 @@ class RefreshRoutes:
         switches: RefreshSwitches,
         pause: Pause,
         *,
-        other_grants: Handler | None = None,
+        other_grants: Mapping[str, Handler] | None = None,
     ) -> None:
         self._cloud = cloud
         self._ledger = ledger
         self._switches = switches
         self._pause = pause
-        self._other_grants = other_grants
+        self._other_grants = dict(other_grants or {})
 
     def add_to(self, router: web.UrlDispatcher, prefix: str) -> None:
         """Register both refresh routes under ``prefix``."""
@@ -164,8 +165,9 @@ class RefreshRoutes:
     async def _oauth_refresh(self, request: web.Request) -> web.StreamResponse:
         """OAuth2 flavor (RFC 6749 §6): form in, ``access_token``/``refresh_token``/``expires_in`` out."""
         form = {k: str(v) for k, v in (await request.post()).items()}
-        if form.get("grant_type") != "refresh_token" and self._other_grants is not None:
-            return await self._other_grants(request)
+        other = self._other_grants.get(form.get("grant_type", ""))
+        if other is not None:
+            return await other(request)
         self._cloud.refresh_calls += 1
         basic = basic_credentials(request.headers.get("Authorization", ""))
         self._cloud.last_oauth_form = form
