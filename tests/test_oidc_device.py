@@ -157,3 +157,9 @@ async def test_an_unprintable_user_code_is_refused() -> None:
     document = {"device_code": "d", "user_code": "\x1b[2JAB", "verification_uri": "https://id.example/device"}
     with pytest.raises(LoginError, match="user_code"):
         device_code_from(document)
+
+
+async def test_an_interval_of_zero_still_waits_a_second() -> None:
+    """A provider asking for interval 0 is polled once a second, not in a busy loop."""
+    document = {"device_code": "d", "user_code": "AB", "verification_uri": "https://id.example/device", "interval": 0}
+    assert device_code_from(document).interval == 1.0
