@@ -70,7 +70,8 @@ async def test_access_denied_ends_the_login(cloud: MockCloud, store_path: Path) 
     """A user who denies the code ends the login with an access_denied LoginError, after no further poll."""
     polling = approving_after(1, deny=True)
     result = await device_login(oidc_settings(cloud, store_path), polling)
-    assert isinstance(result, LoginError) and "access_denied" in str(result)
+    assert isinstance(result, LoginError)
+    assert "denied at the provider (access_denied)" in str(result)
     assert polling.slept == [5.0]
 
 
@@ -78,7 +79,8 @@ async def test_expired_token_ends_the_login(cloud: MockCloud, store_path: Path) 
     """An expired_token answer ends the login with a LoginError naming it."""
     cloud.oidc.switches.expire_device_codes = True
     result = await device_login(oidc_settings(cloud, store_path), Polling())
-    assert isinstance(result, LoginError) and "expired_token" in str(result)
+    assert isinstance(result, LoginError)
+    assert "expired before it was approved (expired_token)" in str(result)
 
 
 async def test_code_never_approved_ends_when_it_expires(cloud: MockCloud, store_path: Path) -> None:

@@ -35,6 +35,8 @@ DEFAULT_INTERVAL = 5.0
 SLOW_DOWN_STEP = 5.0
 # An interval past this is a broken provider; waiting a minute between polls is plenty.
 MAX_INTERVAL = 60.0
+# Nor does sidecar poll more than once a second, whatever a provider says (0 would be a busy loop).
+MIN_INTERVAL = 1.0
 # expires_in is required; a provider that leaves it out gets ten minutes, and none gets more than an hour.
 DEFAULT_EXPIRES_IN = 600.0
 MAX_EXPIRES_IN = 3600.0
@@ -107,7 +109,8 @@ def device_code_from(document: Mapping[str, Any]) -> DeviceCode:
         verification_uri_complete=_web_url(document.get("verification_uri_complete")),
         expires_in=_seconds(document.get("expires_in"), DEFAULT_EXPIRES_IN, MAX_EXPIRES_IN),
     )
-    return DeviceCode(device_code, prompt, _seconds(document.get("interval"), DEFAULT_INTERVAL, MAX_INTERVAL))
+    interval = max(MIN_INTERVAL, _seconds(document.get("interval"), DEFAULT_INTERVAL, MAX_INTERVAL))
+    return DeviceCode(device_code, prompt, interval)
 
 
 async def device_flow(
