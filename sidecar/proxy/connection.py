@@ -1,8 +1,11 @@
 """One pooled keep-alive connection to the upstream: the asyncio protocol, the httptools parser callbacks, the request writer.
 
 Failures are two exceptions, decided here and in the pool:
-UpstreamUnreachable (connect failed, or the connection died before an
-answer) and UpstreamTimeout.
+UpstreamUnreachable (connect failed, the connection died before an answer,
+or the head is over its limits) and UpstreamTimeout.
+
+Checked as it arrives (SPEC §4): the head keeps to its limits before the
+parser sees it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from typing import Protocol, cast
 
 import httptools
 
-from sidecar.proxy.response import UpstreamResponse
+from sidecar.proxy.response import (
+    HEAD_LIMIT,
+    LINE_LIMIT,
+    UpstreamResponse,
+)
 
 # Body bytes buffered from the upstream before reading pauses: enough for a
 # few large socket reads, small enough that a slow client costs little memory.
@@ -71,6 +78,7 @@ class Connection(asyncio.Protocol):
         self._read_paused = False
         self._received_any = False
         self._keep_after = True
+        self._head_bytes = self._line_bytes = 0  # of the head so far, and of its unfinished line
         # parser scratch
         self._status_reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -122,8 +130,16 @@ class Connection(asyncio.Protocol):
             # Bytes nobody asked for: the connection is no longer in a known state.
             self.close()
             return
+        response = self._response
         try:
-            parser.feed_data(data)
+            if response is not None and not response.status:
+                rest = self._feed_head(parser, data, response)
+                if rest is None:  # over a limit: nothing past it reaches the parser
+                    self.close()
+                elif rest:
+                    parser.feed_data(rest)
+            else:
+                parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError:
@@ -131,6 +147,51 @@ class Connection(asyncio.Protocol):
                 self._exception = UpstreamUnreachable("the upstream sent a malformed response")
             self.close()
         self._wake()
+
+    def _feed_head(
+        self, parser: httptools.HttpResponseParser, data: bytes, response: UpstreamResponse
+    ) -> memoryview | bytes | None:
+        """Feed the parser ``data`` up to the end of the final head, within the limits; the rest, or None when over one."""
+        size = len(data)
+        if self._head_bytes + size <= LINE_LIMIT + 2:
+            # The usual answer: with 8 KiB in all so far no line and not the head can be over.
+            parser.feed_data(data)
+            if not response.status:  # the head goes on in the next read
+                newline = data.rfind(b"\n")
+                self._line_bytes = self._line_bytes + size if newline < 0 else size - newline - 1
+                self._head_bytes += size
+            return b""
+        view = memoryview(data)
+        line = self._line_bytes
+        fed = pos = 0
+        while pos < size:
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                line += size - pos
+                pos = size
+                break
+            line += newline + 1 - pos
+            pos = newline + 1
+            if line > LINE_LIMIT + 2:
+                break
+            if line <= 2:  # the blank line ending a head (the parser checks it is CRLF)
+                if self._head_bytes + pos > HEAD_LIMIT:
+                    break
+                parser.feed_data(view[fed:pos])
+                fed = pos
+                if response.status:  # the final head: what follows is body
+                    return view[pos:]
+            line = 0
+        # An unfinished line may end in its CR: 8 KiB and one byte is still in bounds.
+        if line > LINE_LIMIT + 1:
+            self._exception = UpstreamUnreachable("a line of the upstream's response head is over 8 KiB")
+        elif self._head_bytes + pos > HEAD_LIMIT:
+            self._exception = UpstreamUnreachable("the upstream's response head is over 64 KiB")
+        else:
+            self._head_bytes += size
+            self._line_bytes = line
+            return view[fed:]
+        return None
 
     def eof_received(self) -> bool:
         return False
@@ -201,6 +262,7 @@ class Connection(asyncio.Protocol):
         self._keep_after = True
         self._received_any = False
         self._head_only = head_only
+        self._head_bytes = self._line_bytes = 0
         self._parser = httptools.HttpResponseParser(self)
         self._response = UpstreamResponse(self)
         return self._response

@@ -1,9 +1,14 @@
-"""The upstream's answer: what the connection's parser fills in, and the body as the relay reads it."""
+"""The upstream's answer: what the connection's parser fills in, the body as the relay reads it, and the rules of its head and framing."""
 
 from __future__ import annotations
 
 import collections
 from typing import Protocol
+
+# The response head's limits (SPEC §4): a line's bytes before its CRLF, and
+# the whole head (interim 1xx heads included) with every CRLF.
+LINE_LIMIT = 8 * 1024
+HEAD_LIMIT = 64 * 1024
 
 
 class Carrier(Protocol):

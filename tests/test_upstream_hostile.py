@@ -1,0 +1,250 @@
+"""The lean upstream client against hostile or broken upstreams (SPEC §4, "Upstream connections").
+
+Every upstream is a scripted raw server on 127.0.0.1 (tests/helpers/scripted.py)
+writing exactly the bytes a test wants: oversized heads, invalid status lines,
+stray bytes after a complete answer, transfer codings that end at close, and
+header bytes that are not ASCII.  Where the effect is the user's, the test goes
+through a real proxy (make_proxy) and looks at what a raw client receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import cast
+
+import aiohttp
+import pytest
+from conftest import ProxyFactory, RunningProxy
+from helpers.proxying import assert_problem, fetch
+from helpers.scripted import (
+    GET,
+    GUARD,
+    MIB,
+    OK,
+    Conn,
+    ScriptedUpstream,
+    StartUpstream,
+    answer_once,
+    within,
+)
+from helpers.wire import RAW_TIMEOUT
+
+from sidecar.proxy.connection import Connection
+from sidecar.proxy.upstream import UpstreamPool, UpstreamUnreachable
+from sidecar.tokens import TokenPair
+
+KIB = 1024
+# The limits SPEC §4 sets on the upstream's response head.
+LINE_LIMIT = 8 * KIB
+HEAD_LIMIT = 64 * KIB
+# A read timeout far above GUARD: a request that waits for it fails the test's own deadline instead.
+LONG = 60.0
+PoolFactory = Callable[..., UpstreamPool]
+
+
+@pytest.fixture
+async def pool_for() -> AsyncIterator[PoolFactory]:
+    """UpstreamPools on a scripted upstream's port; closed at teardown."""
+    pools: list[UpstreamPool] = []
+
+    def make(server: ScriptedUpstream, read_timeout: float = LONG) -> UpstreamPool:
+        pool = UpstreamPool("http", "127.0.0.1", server.port, connect_timeout=2.0, read_timeout=read_timeout)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+async def get(pool: UpstreamPool) -> tuple[int, bytes]:
+    """One GET through ``pool``: the status and the whole body; the connection released."""
+    response = await within(pool.send(GET, None, chunked=False, head_only=False))
+    try:
+        return response.status, await within(response.read_all(GUARD))
+    finally:
+        response.release()
+
+
+async def raw(proxy: RunningProxy, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` (it should say ``Connection: close``) to the proxy; the response head and everything after it, as bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), RAW_TIMEOUT)
+    finally:
+        writer.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
+
+
+def raw_get(proxy: RunningProxy, method: bytes = b"GET") -> bytes:
+    return (
+        method
+        + b" /x HTTP/1.1\r\nHost: "
+        + proxy.url.removeprefix("http://").encode()
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+
+
+def head_of_size(size: int, status_line: bytes = b"HTTP/1.1 200 OK") -> bytes:
+    """A response head (blank line included) of exactly ``size`` bytes, every line well under 8 KiB, with Content-Length: 2."""
+    head = status_line + b"\r\nContent-Length: 2\r\n"
+    filler = 0
+    while len(head) + 2 < size:
+        room = size - len(head) - 2
+        # "X-Fill-nnnn: " + value + CRLF; leave at least 20 bytes for a last line.
+        value = min(4000, room - 15) if room - 15 <= 4000 or room - 4015 >= 20 else room - 15 - 20
+        head += b"X-Fill-%04d: " % filler + b"v" * value + b"\r\n"
+        filler += 1
+    head += b"\r\n"
+    assert len(head) == size
+    return head
+
+
+# -- 4. the response head is limited: 8 KiB a line, 64 KiB in all ----------------
+
+
+@pytest.mark.parametrize(
+    ("head", "fits"),
+    [
+        (b"HTTP/1.1 200 " + b"R" * (LINE_LIMIT - 13) + b"\r\nContent-Length: 2\r\n\r\n", True),
+        (b"HTTP/1.1 200 " + b"R" * (LINE_LIMIT - 12) + b"\r\nContent-Length: 2\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * (LINE_LIMIT - 8) + b"\r\nContent-Length: 2\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * (LINE_LIMIT - 7) + b"\r\nContent-Length: 2\r\n\r\n", False),
+        (head_of_size(HEAD_LIMIT), True),
+        (head_of_size(HEAD_LIMIT + 1), False),
+    ],
+    ids=["status-line-8k", "status-line-8k+1", "header-line-8k", "header-line-8k+1", "head-64k", "head-64k+1"],
+)
+@pytest.mark.parametrize("writes", ["one-write", "small-writes"])
+async def test_response_head_limits(
+    upstream: StartUpstream, pool_for: PoolFactory, head: bytes, fits: bool, writes: str
+) -> None:
+    """A head line of up to 8 KiB (CRLF not counted) and a head of up to 64 KiB (all of it) are read; one byte more is UpstreamUnreachable."""
+    answer = head + b"ok"
+    step = 1000 if writes == "small-writes" else len(answer)
+
+    async def script(conn: Conn) -> None:
+        await conn.request()
+        for start in range(0, len(answer), step):
+            await conn.send(answer[start : start + step])
+        await conn.until_eof()
+
+    pool = pool_for(await upstream(script))
+    if fits:
+        assert await get(pool) == (200, b"ok")
+    else:
+        with pytest.raises(UpstreamUnreachable, match="head"):
+            await get(pool)
+
+
+class StubTransport:
+    """The transport a Connection sees, for feeding it reads split where a test wants."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class StubOwner:
+    """The pool, as a Connection sees it: nothing is pooled."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.read_timeout = LONG
+
+    def put_back(self, connection: Connection) -> None: ...
+
+    def forget(self, connection: Connection) -> None: ...
+
+
+SPLIT_ANSWERS = {
+    "plain": (b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok", True),
+    "interim-first": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+    "line-8k": (b"HTTP/1.1 200 OK\r\nX-L: " + b"v" * (LINE_LIMIT - 5) + b"\r\nContent-Length: 2\r\n\r\nok", True),
+    "line-8k+1": (b"HTTP/1.1 200 OK\r\nX-L: " + b"v" * (LINE_LIMIT - 4) + b"\r\nContent-Length: 2\r\n\r\nok", False),
+    "interim-then-line-8k": (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nX-L: "
+        + b"v" * (LINE_LIMIT - 5)
+        + b"\r\nContent-Length: 2\r\n\r\nok",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize(("answer", "fits"), list(SPLIT_ANSWERS.values()), ids=list(SPLIT_ANSWERS))
+async def test_head_limits_hold_wherever_the_reads_split(answer: bytes, fits: bool) -> None:
+    """Split into two reads at every possible byte, an answer within the limits parses whole and one over them fails."""
+    for split in range(1, len(answer)):
+        connection = Connection(StubOwner())
+        transport = StubTransport()
+        connection.connection_made(cast(asyncio.Transport, transport))
+        response = connection.begin(head_only=False)
+        connection.data_received(answer[:split])
+        connection.data_received(answer[split:])
+        if fits:
+            assert (response.status, response.complete, response.take_buffered()) == (200, True, b"ok"), split
+            assert not transport.closed, split
+        else:
+            assert transport.closed, split
+            with pytest.raises(UpstreamUnreachable, match="8 KiB"):
+                await connection.wait(None)
+
+
+async def test_interim_heads_count_towards_the_head_limit(upstream: StartUpstream, pool_for: PoolFactory) -> None:
+    """Interim 103 heads are part of the 64 KiB: a stream of them is UpstreamUnreachable, not read forever."""
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"s" * 1000 + b".css>; rel=preload\r\n\r\n"
+    server = await upstream(answer_once(early * (HEAD_LIMIT // len(early) + 1) + OK, then="eof"))
+    with pytest.raises(UpstreamUnreachable, match="head"):
+        await get(pool_for(server))
+
+
+async def test_interim_heads_within_the_limit_are_skipped(upstream: StartUpstream, pool_for: PoolFactory) -> None:
+    """A 100 Continue and a 103 in the same read as the final answer, all within the limits, leave the final answer."""
+    server = await upstream(
+        answer_once(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK, then="eof")
+    )
+    assert await get(pool_for(server)) == (200, b"ok")
+
+
+async def test_proxy_answers_502_for_a_24_mib_header_and_stops_reading(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, client: aiohttp.ClientSession
+) -> None:
+    """A 24 MiB header becomes a 502 upstream-unreachable, and the proxy drops the connection long before the upstream has sent it all."""
+    size = 24 * MIB
+    sent = 0
+    finished = asyncio.Event()
+
+    async def script(conn: Conn) -> None:
+        nonlocal sent
+        try:
+            await conn.request()
+            await conn.send(b"HTTP/1.1 200 OK\r\nX-Huge: ")
+            block = b"h" * (64 * KIB)
+            while sent < size:
+                await conn.send(block)
+                sent += len(block)
+            await conn.send(b"\r\nContent-Length: 2\r\n\r\nok")
+            await conn.until_eof()
+        finally:
+            finished.set()
+
+    server = await upstream(script)
+    proxy = await make_proxy(upstream=server.url)
+    reply = await within(fetch(client, "GET", proxy.url + "/x"))
+    assert_problem(reply, 502, "upstream-unreachable")
+    await within(finished.wait())
+    # Loopback socket buffers hold a few MiB; a proxy reading on would take all 24.
+    assert sent < size // 2
