@@ -25,6 +25,7 @@ from helpers.scripted import (
     Conn,
     ScriptedUpstream,
     StartUpstream,
+    answer_each,
     answer_once,
     within,
 )
@@ -248,3 +249,44 @@ async def test_proxy_answers_502_for_a_24_mib_header_and_stops_reading(
     await within(finished.wait())
     # Loopback socket buffers hold a few MiB; a proxy reading on would take all 24.
     assert sent < size // 2
+
+
+# -- 7. response header bytes pass through unchanged ------------------------------
+
+UTF8_NAME = "résumé.pdf".encode()
+OBS_TEXT_NAME = "résumé.pdf".encode("latin-1")
+
+
+FRAMINGS = {
+    "content-length": (b"GET", b"Content-Length: 2\r\n\r\nok", b"ok"),
+    "chunked": (b"GET", b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", b"2\r\nok\r\n0\r\n\r\n"),
+    "head-request": (b"HEAD", b"Content-Length: 2\r\n\r\n", b""),
+}
+
+
+@pytest.mark.parametrize("name", [UTF8_NAME, OBS_TEXT_NAME], ids=["utf-8", "obs-text"])
+@pytest.mark.parametrize("framing", list(FRAMINGS))
+async def test_proxy_passes_response_header_bytes_unchanged(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, name: bytes, framing: str
+) -> None:
+    """A Content-Disposition with a non-ASCII filename reaches the client as the very bytes the upstream sent, the body framed after it."""
+    method, rest_of_answer, relayed = FRAMINGS[framing]
+    line = b'Content-Disposition: attachment; filename="' + name + b'"'
+    server = await upstream(answer_each(b"HTTP/1.1 200 OK\r\n" + line + b"\r\n" + rest_of_answer))
+    proxy = await make_proxy(upstream=server.url)
+    head, rest = await within(raw(proxy, raw_get(proxy, method)))
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\n" + line + b"\r\n" in head
+    assert rest == relayed
+
+
+@pytest.mark.parametrize("reason", ["Très bien".encode(), "Très bien".encode("latin-1")], ids=["utf-8", "obs-text"])
+async def test_proxy_passes_the_reason_phrase_bytes_unchanged(
+    login: TokenPair, make_proxy: ProxyFactory, upstream: StartUpstream, reason: bytes
+) -> None:
+    """A reason phrase with non-ASCII bytes reaches the client byte for byte."""
+    server = await upstream(answer_each(b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 2\r\n\r\nok"))
+    proxy = await make_proxy(upstream=server.url)
+    head, rest = await within(raw(proxy, raw_get(proxy)))
+    assert head.startswith(b"HTTP/1.1 200 " + reason + b"\r\n")
+    assert rest == b"ok"
