@@ -23,6 +23,7 @@ from helpers.scripted import (
     MIB,
     OK,
     Conn,
+    Script,
     ScriptedUpstream,
     StartUpstream,
     answer_each,
@@ -290,3 +291,67 @@ async def test_proxy_passes_the_reason_phrase_bytes_unchanged(
     head, rest = await within(raw(proxy, raw_get(proxy)))
     assert head.startswith(b"HTTP/1.1 200 " + reason + b"\r\n")
     assert rest == b"ok"
+
+
+# -- 8. a complete answer followed by stray bytes is relayed; the connection closed -
+
+
+def stray_first(answer: bytes) -> Script:
+    """Connection 0 answers with ``answer`` (stray bytes in the same write) and reads on; later connections answer OK."""
+
+    async def script(conn: Conn) -> None:
+        await conn.request()
+        if conn.index == 0:
+            await conn.send(answer)
+            await conn.until_eof()
+            return
+        await conn.send(OK)
+        while True:
+            await conn.request()
+            await conn.send(OK)
+
+    return script
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "body"),
+    [
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n{}", 204, b""),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokJUNK", 200, b"ok"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad", 200, b"ok"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nJUNK", 200, b"ok"),
+    ],
+    ids=["204-with-a-body", "200-then-junk", "200-then-another-response", "chunked-then-junk"],
+)
+async def test_proxy_relays_a_complete_answer_and_drops_the_connection_after_stray_bytes(
+    login: TokenPair,
+    make_proxy: ProxyFactory,
+    upstream: StartUpstream,
+    client: aiohttp.ClientSession,
+    answer: bytes,
+    status: int,
+    body: bytes,
+) -> None:
+    """Stray bytes after a complete answer: the client gets the answer, that connection is closed, and the next request uses a new one."""
+    server = await upstream(stray_first(answer))
+    proxy = await make_proxy(upstream=server.url)
+    reply = await within(fetch(client, "GET", proxy.url + "/x"))
+    assert (reply.status, reply.body) == (status, body)
+    await within(server.conns[0].eof.wait())
+    reply = await within(fetch(client, "GET", proxy.url + "/y"))
+    assert (reply.status, reply.body) == (200, b"ok")
+    assert len(server.conns) == 2
+
+
+async def test_stray_bytes_after_a_head_answer_close_the_connection(
+    upstream: StartUpstream, pool_for: PoolFactory
+) -> None:
+    """Bytes after the head of an answer to HEAD are not its body: the answer stands and the connection is not reused."""
+    server = await upstream(stray_first(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    pool = pool_for(server)
+    response = await within(pool.send(b"HEAD /n HTTP/1.1\r\nHost: up\r\n\r\n", None, chunked=False, head_only=True))
+    assert (response.status, await within(response.read_all(GUARD))) == (200, b"")
+    response.release()
+    await within(server.conns[0].eof.wait())
+    assert await get(pool) == (200, b"ok")
+    assert len(server.conns) == 2

@@ -2,10 +2,11 @@
 
 Failures are two exceptions, decided here and in the pool:
 UpstreamUnreachable (connect failed, the connection died before an answer,
-or the head is over its limits) and UpstreamTimeout.
+or the answer is not one a proxy may relay) and UpstreamTimeout.
 
 Checked as it arrives (SPEC §4): the head keeps to its limits before the
-parser sees it.
+parser sees it; bytes after a complete answer leave it standing but close
+the connection.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sidecar.proxy.response import (
     HEAD_LIMIT,
     LINE_LIMIT,
     UpstreamResponse,
+    body_until_close,
 )
 
 # Body bytes buffered from the upstream before reading pauses: enough for a
@@ -41,6 +43,10 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """Connecting or waiting for the next bytes took longer than allowed."""
+
+
+class _Halt(Exception):
+    """Raised in a parser callback to stop llhttp; the reason is already recorded."""
 
 
 class ConnectionOwner(Protocol):
@@ -143,7 +149,9 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError:
-            if self._exception is None:
+            if response is not None and response.complete:
+                pass  # stray bytes after a complete answer: it stands, the connection does not
+            elif self._exception is None:
                 self._exception = UpstreamUnreachable("the upstream sent a malformed response")
             self.close()
         self._wake()
@@ -199,6 +207,9 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------
 
     def on_message_begin(self) -> None:
+        response = self._response
+        if response is not None and response.complete:
+            raise _Halt()  # a second message after the answer: stray bytes
         self._headers = []
         self._status_reason = b""
 
@@ -219,7 +230,7 @@ class Connection(asyncio.Protocol):
         response.reason = self._status_reason
         response.headers = self._headers
         response.keep_alive = parser.should_keep_alive()
-        response.until_eof = _until_eof(status, self._headers)
+        response.until_eof = body_until_close(status, self._headers)
         # Trailer fields after a chunked body must not join the headers.
         self._headers = []
         if self._head_only or status in (204, 304):
@@ -230,7 +241,7 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self._response
         if response is None or response.complete:
-            return
+            raise _Halt()  # after the answer to a HEAD, or a 204/304: stray bytes
         response.chunks.append(body)
         response.buffered += len(body)
         if response.buffered > _PAUSE_ABOVE and not self._read_paused and self._transport is not None:
@@ -381,13 +392,3 @@ async def _within(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None],
     finally:
         if timer is not None:
             timer.cancel()
-
-
-def _until_eof(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-    if status in (204, 304) or status < 200:
-        return False
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
-            return False
-    return True

@@ -84,3 +84,14 @@ class UpstreamResponse:
             return
         self._released = True
         self._connection.end_exchange(reusable=self.complete and self.keep_alive and not self.chunks)
+
+
+def body_until_close(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    """The body ends when the connection does."""
+    if status in (204, 304) or status < 200:
+        return False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+            return False
+    return True
