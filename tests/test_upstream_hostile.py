@@ -355,3 +355,38 @@ async def test_stray_bytes_after_a_head_answer_close_the_connection(
     await within(server.conns[0].eof.wait())
     assert await get(pool) == (200, b"ok")
     assert len(server.conns) == 2
+
+
+# -- 9. an invalid status line or an unsolicited 101 is an immediate 502 ---------
+
+INVALID_STATUS_LINES = {
+    "000": b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok",
+    "101-with-upgrade": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    "101-bare": b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    "600": b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nok",
+    "control-in-reason": b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("answer", list(INVALID_STATUS_LINES.values()), ids=list(INVALID_STATUS_LINES))
+async def test_invalid_status_line_is_unreachable_at_once(
+    upstream: StartUpstream, pool_for: PoolFactory, answer: bytes
+) -> None:
+    """Status 000, a 101 nobody asked for, a status above 599 or a control byte in the reason fail send at once, long before the read timeout."""
+    server = await upstream(answer_once(answer, then="eof"))
+    with pytest.raises(UpstreamUnreachable, match="status"):
+        await within(pool_for(server, read_timeout=LONG).send(GET, None, chunked=False, head_only=False))
+
+
+@pytest.mark.parametrize("answer", list(INVALID_STATUS_LINES.values()), ids=list(INVALID_STATUS_LINES))
+async def test_proxy_answers_502_at_once_for_an_invalid_status_line(
+    login: TokenPair,
+    make_proxy: ProxyFactory,
+    upstream: StartUpstream,
+    client: aiohttp.ClientSession,
+    answer: bytes,
+) -> None:
+    """Through the proxy the same answers become an immediate 502 upstream-unreachable, with read_timeout far away."""
+    server = await upstream(answer_once(answer, then="eof"))
+    proxy = await make_proxy(upstream=server.url, read_timeout=LONG)
+    assert_problem(await within(fetch(client, "GET", proxy.url + "/x")), 502, "upstream-unreachable")

@@ -5,8 +5,8 @@ UpstreamUnreachable (connect failed, the connection died before an answer,
 or the answer is not one a proxy may relay) and UpstreamTimeout.
 
 Checked as it arrives (SPEC §4): the head keeps to its limits before the
-parser sees it; bytes after a complete answer leave it standing but close
-the connection.
+parser sees it; the final status is 2xx-5xx (101 is never asked for); bytes
+after a complete answer leave it standing but close the connection.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from sidecar.proxy.response import (
     LINE_LIMIT,
     UpstreamResponse,
     body_until_close,
+    status_problem,
 )
 
 # Body bytes buffered from the upstream before reading pauses: enough for a
@@ -146,9 +147,7 @@ class Connection(asyncio.Protocol):
                     parser.feed_data(rest)
             else:
                 parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             if response is not None and response.complete:
                 pass  # stray bytes after a complete answer: it stands, the connection does not
             elif self._exception is None:
@@ -225,6 +224,10 @@ class Connection(asyncio.Protocol):
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # 100 Continue, 103 Early Hints: the real answer follows
+        problem = status_problem(status, self._status_reason)
+        if problem is not None:
+            self._exception = UpstreamUnreachable(problem)
+            raise _Halt()  # llhttp stops; data_received closes the connection
         response = self._response
         response.status = status
         response.reason = self._status_reason

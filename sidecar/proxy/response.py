@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import collections
+import re
 from typing import Protocol
 
 # The response head's limits (SPEC §4): a line's bytes before its CRLF, and
 # the whole head (interim 1xx heads included) with every CRLF.
 LINE_LIMIT = 8 * 1024
 HEAD_LIMIT = 64 * 1024
+# Bytes a reason phrase may not hold (RFC 9112 §4: HTAB, SP, VCHAR, obs-text only).
+_REASON_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Carrier(Protocol):
@@ -95,3 +98,18 @@ def body_until_close(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             return False
     return True
+
+
+def status_problem(status: int, reason: bytes) -> str | None:
+    """Why a final answer's status line cannot be relayed, or None when it can.
+
+    101 counts as final here: the proxy strips Upgrade from these requests,
+    so no upstream may switch protocols on them.
+    """
+    if status < 100:
+        return "the upstream sent an invalid status code"
+    if status == 101:
+        return "the upstream sent status 101 unasked"
+    if status > 599 or _REASON_CONTROL.search(reason) is not None:
+        return "the upstream sent an invalid status line"
+    return None
