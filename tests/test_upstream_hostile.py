@@ -390,3 +390,44 @@ async def test_proxy_answers_502_at_once_for_an_invalid_status_line(
     server = await upstream(answer_once(answer, then="eof"))
     proxy = await make_proxy(upstream=server.url, read_timeout=LONG)
     assert_problem(await within(fetch(client, "GET", proxy.url + "/x")), 502, "upstream-unreachable")
+
+
+# -- 10. a transfer coding other than a final chunked: the body ends at close ------
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [[b"chunked, gzip"], [b"gzip"], [b"Chunked ,GZIP"], [b"chunked", b"gzip"], [b"chunked , "]],
+    ids=["chunked-gzip", "gzip", "mixed-case", "two-fields", "trailing-comma"],
+)
+async def test_proxy_relays_a_body_ending_at_close_when_chunked_is_not_last(
+    login: TokenPair,
+    make_proxy: ProxyFactory,
+    upstream: StartUpstream,
+    client: aiohttp.ClientSession,
+    codings: list[bytes],
+) -> None:
+    """With chunked absent or not the final transfer coding the body is everything up to the close (RFC 9112 §6.3), relayed whole."""
+    fields = b"".join(b"Transfer-Encoding: " + coding + b"\r\n" for coding in codings)
+    # Looks chunked on purpose: a parser that took it for chunked would stop after "first".
+    parts = [b"5\r\nfirst\r\n0\r\n\r\n", b"second part ", b"x" * 100_000]
+    server = await upstream(answer_once(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n", *parts, then="close"))
+    proxy = await make_proxy(upstream=server.url)
+    async with client.get(proxy.url + "/x") as response:
+        assert response.status == 200
+        assert await within(response.read()) == b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    "codings", [[b"gzip, chunked"], [b"CHUNKED"], [b"gzip", b"chunked"]], ids=["gzip-chunked", "upper", "two-fields"]
+)
+async def test_final_chunked_coding_frames_the_body(
+    upstream: StartUpstream, pool_for: PoolFactory, codings: list[bytes]
+) -> None:
+    """With chunked as the final coding the body ends at the last chunk, the connection left open and reused."""
+    fields = b"".join(b"Transfer-Encoding: " + coding + b"\r\n" for coding in codings)
+    server = await upstream(answer_each(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n2\r\nok\r\n0\r\n\r\n"))
+    pool = pool_for(server)
+    assert await get(pool) == (200, b"ok")
+    assert await get(pool) == (200, b"ok")
+    assert len(server.conns) == 1

