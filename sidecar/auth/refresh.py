@@ -18,6 +18,7 @@ import orjson
 from sidecar import __version__
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.config import Settings
+from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
 from sidecar.tokens import TokenPair, pair_from_grant
 
@@ -87,9 +88,13 @@ class HttpRefresher:
         except TimeoutError:
             raise RefreshTransient("token endpoint timed out") from None
         except aiohttp.ClientError as exc:
-            raise RefreshTransient(f"token endpoint unreachable: {type(exc).__name__}") from None
+            tls_failure = describe_tls_failure(exc, "the token endpoint")
+            raise RefreshTransient(tls_failure or f"token endpoint unreachable: {type(exc).__name__}") from None
         except OSError as exc:
-            raise RefreshTransient(f"token endpoint unreachable: {exc.strerror or type(exc).__name__}") from None
+            tls_failure = describe_tls_failure(exc, "the token endpoint")
+            raise RefreshTransient(
+                tls_failure or f"token endpoint unreachable: {exc.strerror or type(exc).__name__}"
+            ) from None
         if not 200 <= status < 300:
             raise classify_failure(status, body, oauth2=isinstance(self, OAuth2Refresher))
         try:

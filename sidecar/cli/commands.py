@@ -20,6 +20,7 @@ from sidecar.auth.imported import pair_from_import
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound, client_session
+from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
 from sidecar.store.interface import StoreSnapshot, clear_store, write_pair
@@ -157,7 +158,7 @@ async def _whoami(session: aiohttp.ClientSession, api_url: str, token: str) -> t
     except AnswerTooLarge:
         return None, "whoami answered with a body over 1 MiB"
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return None, f"whoami failed: {type(exc).__name__}"
+        return None, f"whoami failed: {describe_tls_failure(exc) or type(exc).__name__}"
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -18,6 +18,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from sidecar.egress.tls import report_tls_failure
 from sidecar.proxy.response import (
     HEAD_LIMIT,
     LINE_LIMIT,
@@ -114,7 +115,8 @@ class Connection(asyncio.Protocol):
                 self._exception = UpstreamUnreachable(
                     "the upstream closed the connection"
                     if self._received_any or exc is None
-                    else f"the upstream connection failed ({type(exc).__name__})"
+                    # TLS 1.3 servers refuse a missing client certificate after the handshake.
+                    else report_tls_failure(exc) or f"the upstream connection failed ({type(exc).__name__})"
                 )
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():

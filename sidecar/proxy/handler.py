@@ -23,6 +23,7 @@ from aiohttp import web
 
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound
+from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
 from sidecar.proxy import problems, retry, websocket
@@ -296,10 +297,13 @@ class Proxy:
                 outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer the WebSocket handshake in time."
             )
         if answer.error is not None:
+            tls_failure = describe_tls_failure(answer.error)
             return self._problem(
                 outcome,
                 problems.UPSTREAM_UNREACHABLE,
-                f"The upstream could not be reached ({type(answer.error).__name__}).",
+                f"The upstream could not be reached: {tls_failure}."
+                if tls_failure
+                else f"The upstream could not be reached ({type(answer.error).__name__}).",
             )
         if answer.socket is None:
             refused = self._problem(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 
+from sidecar.egress.tls import report_tls_failure
 from sidecar.proxy.connection import Connection, RequestBody, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.proxy.response import UpstreamResponse
 
@@ -70,7 +71,8 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamTimeout("connecting to the upstream timed out") from None
         except (OSError, ssl_module.SSLError) as exc:
-            raise UpstreamUnreachable(f"cannot connect to the upstream ({type(exc).__name__})") from None
+            tls_failure = report_tls_failure(exc, where=f"{self._host}:{self._port}")
+            raise UpstreamUnreachable(tls_failure or f"cannot connect to the upstream ({type(exc).__name__})") from None
         return connection
 
     def _take_idle(self) -> Connection | None:

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from sidecar.egress.tls import report_tls_failure
 from sidecar.proxy.headers import websocket_headers
 
 # aiohttp writes these for the upstream handshake itself.
@@ -63,6 +64,7 @@ async def handshake(
     except aiohttp.WSServerHandshakeError as exc:
         return Handshake(exc.status)
     except (TimeoutError, aiohttp.ClientError) as exc:
+        report_tls_failure(exc, where=URL(url, encoded=True).raw_authority)
         return Handshake(0, error=exc)
     return Handshake(101, socket)
 
