@@ -1,8 +1,7 @@
 """One pooled keep-alive connection to the upstream: the asyncio protocol, the httptools parser callbacks, the request writer.
 
-Failures are two exceptions, decided here and in the pool:
-UpstreamUnreachable (connect failed, the connection died before an answer,
-or the answer is not one a proxy may relay) and UpstreamTimeout.
+Failures are UpstreamUnreachable (connect failed, the connection died before
+an answer, or the answer is not one a proxy may relay) and UpstreamTimeout.
 
 Checked as it arrives (SPEC §4): the head keeps to its limits before the
 parser sees it; the final status is 2xx-5xx (101 is never asked for); bytes
@@ -84,7 +83,8 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
-        self._received_any = False
+        self._received_any = self.sent_any = False  # sent: a byte of this exchange's request was written
+        self.idle_since = 0.0  # loop time it went back to the pool (the pool's bookkeeping)
         self._keep_after = True
         self._head_bytes = self._line_bytes = 0  # of the head so far, and of its unfinished line
         # parser scratch
@@ -276,7 +276,7 @@ class Connection(asyncio.Protocol):
         """Start an exchange; the response fills in as the answer arrives."""
         self._exception = None
         self._keep_after = True
-        self._received_any = False
+        self._received_any = self.sent_any = False
         self._head_only = head_only
         self._head_bytes = self._line_bytes = 0
         self._parser = httptools.HttpResponseParser(self)
@@ -377,6 +377,7 @@ class Connection(asyncio.Protocol):
             if self.answered:
                 return  # the answer is in; the rest of the body is moot
             raise UpstreamUnreachable("the upstream closed the connection")
+        self.sent_any = True
         self._transport.write(data)
 
 
