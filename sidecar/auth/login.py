@@ -26,7 +26,7 @@ from aiohttp import web
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.auth.callback import loopback_callback, page
 from sidecar.config import Settings
-from sidecar.egress.outbound import Outbound, client_session
+from sidecar.egress.outbound import Outbound, Proxies, client_session, proxy_options
 from sidecar.errors import ConfigError, LoginError, RefreshTransient
 from sidecar.store.interface import StoreSnapshot, write_pair
 from sidecar.store.location import open_store
@@ -104,16 +104,21 @@ async def poll_flow(
     announce: Announce,
     interval: float = POLL_INTERVAL,
     clock: Callable[[], float] = time.time,
+    proxies: Proxies | None = None,
 ) -> TokenPair:
-    """Run the headless flow; returns the pair or raises LoginError."""
+    """Run the headless flow; returns the pair or raises LoginError.
+
+    ``proxies`` is the egress proxy choice (None: straight to the cloud).
+    """
     code = one_time_code()
     base = upstream.rstrip("/")
     announce(f"{base}{DEVICE_PAGE}?code={code}")
     deadline = time.monotonic() + timeout
     url = f"{base}{POLL_PATH}?code={code}"
+    options = proxy_options(proxies.route(url) if proxies else None, url, {"Accept": "application/json"})
     while True:
         try:
-            async with session.get(url, headers={"Accept": "application/json"}, allow_redirects=False) as response:
+            async with session.get(url, allow_redirects=False, **options) as response:
                 status = response.status
                 body = await read_capped(response)
         except AnswerTooLarge:
@@ -192,8 +197,9 @@ async def login_command(
         print("Waiting for the browser to come back...", file=err, flush=True)
 
     if flow == "poll":
-        async with client_session(settings, Outbound(settings)) as session:
-            pair = await poll_flow(upstream, session, timeout=timeout, announce=announce)
+        outbound = Outbound(settings)
+        async with client_session(settings, outbound) as session:
+            pair = await poll_flow(upstream, session, timeout=timeout, announce=announce, proxies=outbound.proxies)
     else:
         pair = await callback_flow(upstream, timeout=timeout, announce=announce)
     await save_login(settings, pair)

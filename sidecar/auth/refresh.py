@@ -18,6 +18,7 @@ import orjson
 from sidecar import __version__
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.config import Settings
+from sidecar.egress.outbound import Proxies
 from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
 from sidecar.tokens import TokenPair, pair_from_grant
@@ -67,9 +68,11 @@ def classify_failure(status: int, body: bytes, *, oauth2: bool = False) -> Refre
 class HttpRefresher:
     """Shared HTTP plumbing; subclasses say what to send."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings, proxies: Proxies | None = None) -> None:
         self._session = session
         self._settings = settings
+        # Built from settings and the environment when the caller has none to share.
+        self._proxies = proxies or Proxies(settings.proxy)
         self._timeout = aiohttp.ClientTimeout(
             total=REFRESH_TIMEOUT, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
         )
@@ -79,6 +82,7 @@ class HttpRefresher:
 
     async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
         url, options = self._request(pair)
+        options.update(self._proxies.options(url, options.get("headers")))
         try:
             async with self._session.post(url, timeout=self._timeout, allow_redirects=False, **options) as response:
                 body = await read_capped(response)
@@ -147,8 +151,8 @@ def basic_credentials(client_id: str, client_secret: str) -> str:
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
-def make_refresher(session: aiohttp.ClientSession, settings: Settings) -> HttpRefresher:
-    """The refresher for ``settings.flavor``."""
+def make_refresher(session: aiohttp.ClientSession, settings: Settings, proxies: Proxies | None = None) -> HttpRefresher:
+    """The refresher for ``settings.flavor``; ``proxies`` defaults to the settings' and the environment's."""
     if settings.flavor == "oauth2":
-        return OAuth2Refresher(session, settings)
-    return RelayRefresher(session, settings)
+        return OAuth2Refresher(session, settings, proxies)
+    return RelayRefresher(session, settings, proxies)

@@ -19,7 +19,7 @@ from sidecar.auth.answers import AnswerTooLarge, read_capped
 from sidecar.auth.imported import pair_from_import
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
-from sidecar.egress.outbound import Outbound, client_session
+from sidecar.egress.outbound import Outbound, Proxies, client_session
 from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
@@ -30,10 +30,6 @@ from sidecar.tokens import TokenPair, format_timestamp
 WHOAMI_PATH = "/api/v1/auth/whoami"
 
 
-def _client_session(settings: Settings) -> aiohttp.ClientSession:
-    return client_session(settings, Outbound(settings))
-
-
 def _say(stream: TextIO, message: str) -> None:
     print(f"sidecar: {message}", file=stream)
 
@@ -41,8 +37,9 @@ def _say(stream: TextIO, message: str) -> None:
 async def token_command(settings: Settings, *, force: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Print a fresh access token (refreshing under the shared lock if needed)."""
     store = open_store(settings.store)
-    async with _client_session(settings) as session:
-        manager = TokenManager(store, make_refresher(session, settings), leeway=settings.leeway)
+    outbound = Outbound(settings)
+    async with client_session(settings, outbound) as session:
+        manager = TokenManager(store, make_refresher(session, settings, outbound.proxies), leeway=settings.leeway)
         await manager.load()
         before = manager.pair  # the hint needs its apiUrl even after a dead token clears it
         try:
@@ -120,8 +117,9 @@ async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[s
         "user": None,
         "problem": None,
     }
-    async with _client_session(settings) as session:
-        manager = TokenManager(store, make_refresher(session, settings), leeway=settings.leeway)
+    outbound = Outbound(settings)
+    async with client_session(settings, outbound) as session:
+        manager = TokenManager(store, make_refresher(session, settings, outbound.proxies), leeway=settings.leeway)
         await manager.load()
         pair = manager.pair
         if pair is None:
@@ -143,15 +141,18 @@ async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[s
             report["expiresAt"] = format_timestamp(pair.expires_at)
             report["secondsToExpiry"] = round(pair.expires_at - clock())
         if token and api_url:
-            report["user"], problem = await _whoami(session, api_url, token)
+            report["user"], problem = await _whoami(session, api_url, token, outbound.proxies)
             report["problem"] = report["problem"] or problem
     return report
 
 
-async def _whoami(session: aiohttp.ClientSession, api_url: str, token: str) -> tuple[dict[str, Any] | None, str | None]:
+async def _whoami(
+    session: aiohttp.ClientSession, api_url: str, token: str, proxies: Proxies
+) -> tuple[dict[str, Any] | None, str | None]:
     url = api_url.rstrip("/") + WHOAMI_PATH
+    options = proxies.options(url, {"Authorization": f"Bearer {token}"})
     try:
-        async with session.get(url, headers={"Authorization": f"Bearer {token}"}, allow_redirects=False) as response:
+        async with session.get(url, allow_redirects=False, **options) as response:
             if response.status != 200:
                 return None, f"whoami answered HTTP {response.status}"
             body = await read_capped(response)

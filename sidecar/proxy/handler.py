@@ -191,7 +191,8 @@ class Proxy:
                 upstream.port,
                 connect_timeout=self._settings.connect_timeout,
                 read_timeout=self._settings.read_timeout,
-                tls=self._outbound.tls if upstream.scheme == "https" else None,
+                tls=self._outbound.tls,
+                proxy=self._outbound.proxy_for(upstream.url),
             )
             self._pools[upstream.origin] = pool
         return pool
@@ -279,10 +280,11 @@ class Proxy:
         token = await self._token(outcome)
         if isinstance(token, web.Response):
             return token
+        proxy = self._outbound.proxy_for(url)
 
         async def send(token: str) -> websocket.Handshake:
             answer = await websocket.handshake(
-                self._session, request, url, "Bearer " + token, self._settings.read_timeout
+                self._session, request, url, "Bearer " + token, self._settings.read_timeout, proxy
             )
             if answer.error is None:
                 outcome.upstream_status = answer.status

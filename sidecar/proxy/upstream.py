@@ -16,9 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_module
+from collections.abc import Callable
 
+from sidecar.egress.proxies import ProxyRoute
 from sidecar.egress.tls import report_tls_failure
-from sidecar.proxy.connection import Connection, RequestBody, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from sidecar.egress.tunnel import absolute_form_connection, through_proxy
+from sidecar.proxy.connection import (
+    Connection,
+    ConnectionOwner,
+    RequestBody,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from sidecar.proxy.response import UpstreamResponse
 
 __all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse", "UpstreamTimeout", "UpstreamUnreachable"]
@@ -45,6 +55,7 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
         tls: ssl_module.SSLContext | None = None,
+        proxy: ProxyRoute | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self._host = host
@@ -61,9 +72,17 @@ class UpstreamPool:
         self.host_header = (authority if port == default_port else f"{authority}:{port}").encode(
             "idna" if not host.isascii() else "ascii"
         )
+        # The egress proxy is chosen once per pool (per upstream), never per request.
+        self._proxy = proxy
+        self._proxy_tls = (tls or ssl_module.create_default_context()) if proxy is not None and proxy.tls else None
+        self._new_connection: Callable[[ConnectionOwner], Connection] = (
+            absolute_form_connection(b"http://" + self.host_header, proxy)
+            if proxy is not None and scheme != "https"
+            else Connection
+        )
 
     async def _connect(self) -> Connection:
-        connection = Connection(self)
+        connection = self._new_connection(self)
         try:
             await asyncio.wait_for(
                 self.loop.create_connection(
@@ -72,6 +91,16 @@ class UpstreamPool:
                     self._port,
                     ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None,
+                )
+                if self._proxy is None
+                else through_proxy(
+                    self.loop,
+                    lambda: connection,
+                    self._proxy,
+                    self._host,
+                    self._port,
+                    tls=self._ssl,
+                    proxy_tls=self._proxy_tls,
                 ),
                 self._connect_timeout,
             )
