@@ -167,14 +167,16 @@ class _ConnectAnswer(asyncio.Protocol):
         self.head: asyncio.Future[bytes] = loop.create_future()
         self._buffer = bytearray()
         self._transport: asyncio.BaseTransport | None = None
+        self._refused = False  # the answer was not 2xx: its body (a 407 page) is read and dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self.head.done():
-            # A TLS server speaks only after the client's hello: bytes now are not ours to read.
-            self._fail("the egress proxy sent data after its answer to CONNECT")
+            if not self._refused:
+                # A TLS server speaks only after the client's hello: bytes now are not ours to read.
+                self._fail("the egress proxy sent data after its answer to CONNECT")
             return
         buffer = self._buffer
         buffer += data
@@ -183,7 +185,8 @@ class _ConnectAnswer(asyncio.Protocol):
         if len(head) > MAX_HEAD or any(len(line) > MAX_LINE for line in head.split(b"\n")):
             self._fail("the egress proxy's answer to CONNECT is over the size limit")
         elif end is not None:
-            if end.end() < len(buffer):
+            self._refused = not head.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2"))
+            if end.end() < len(buffer) and not self._refused:
                 self._fail("the egress proxy sent data after its answer to CONNECT")
             else:
                 self.head.set_result(head)
