@@ -17,6 +17,7 @@ from helpers.oidc import Page, browse, code_login, oidc_settings
 from yarl import URL
 
 from sidecar.auth.oidc.codeflow import Login
+from sidecar.auth.oidc.http import ProviderSession
 from sidecar.auth.oidc.login import oauth2_login
 from sidecar.auth.oidc.pkce import s256
 from sidecar.errors import ConfigError, LoginError, SidecarError
@@ -210,7 +211,7 @@ async def test_login_needs_a_client_id(cloud: MockCloud, store_path: Path) -> No
     async with aiohttp.ClientSession() as session:
         with pytest.raises(ConfigError, match="client_id"):
             await oauth2_login(
-                session,
+                ProviderSession(session),
                 oidc_settings(cloud, store_path, client_id=None),
                 flow="callback",
                 announce=lambda _url: None,

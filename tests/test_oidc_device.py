@@ -18,6 +18,7 @@ from helpers.oidc import Polling, approve, device_login, oidc_settings
 from sidecar.auth.oidc.codeflow import Login
 from sidecar.auth.oidc.device import DEVICE_GRANT, DevicePrompt, device_code_from, device_flow
 from sidecar.auth.oidc.discovery import provider_metadata
+from sidecar.auth.oidc.http import ProviderSession
 from sidecar.auth.oidc.login import device_instructions
 from sidecar.errors import LoginError, SidecarError
 from sidecar.mockcloud import MockCloud
@@ -105,7 +106,8 @@ async def test_no_pkce_when_the_provider_does_not_advertise_it(cloud: MockCloud,
     """A provider that advertises no S256 gets neither challenge nor verifier (some refuse unknown parameters)."""
     settings = oidc_settings(cloud, store_path)
     polling = approving_after(1)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession() as client:
+        session = ProviderSession(client)
         metadata = dataclasses.replace(await provider_metadata(session, settings), code_challenge_methods=())
         await device_flow(
             session,

@@ -24,6 +24,7 @@ from sidecar.auth.oidc.discovery import (
     provider_metadata,
     same_issuer,
 )
+from sidecar.auth.oidc.http import ProviderSession
 from sidecar.auth.refresh import make_refresher
 from sidecar.errors import ConfigError, RefreshTransient, SidecarError
 from sidecar.mockcloud import MockCloud
@@ -33,7 +34,7 @@ from sidecar.tokens import TokenPair
 
 async def discover(cloud: MockCloud, store_path: Path, **overrides: Any) -> ProviderMetadata:
     async with aiohttp.ClientSession() as session:
-        return await provider_metadata(session, oidc_settings(cloud, store_path, **overrides))
+        return await provider_metadata(ProviderSession(session), oidc_settings(cloud, store_path, **overrides))
 
 
 async def test_discovery_from_the_issuer_alone(cloud: MockCloud, store_path: Path) -> None:
@@ -93,9 +94,9 @@ async def test_discovery_is_cached_for_the_process(cloud: MockCloud, store_path:
     """A second lookup of the same issuer makes no request."""
     settings = oidc_settings(cloud, store_path)
     async with aiohttp.ClientSession() as session:
-        await provider_metadata(session, settings)
+        await provider_metadata(ProviderSession(session), settings)
         seen = cloud.requests_seen
-        await provider_metadata(session, settings)
+        await provider_metadata(ProviderSession(session), settings)
     assert seen == 1 and cloud.requests_seen == 1
 
 
@@ -105,9 +106,9 @@ async def test_a_failed_discovery_is_not_cached(cloud: MockCloud, store_path: Pa
     cloud.oidc.switches.announced_issuer = "https://evil.example"
     async with aiohttp.ClientSession() as session:
         with pytest.raises(DiscoveryError):
-            await provider_metadata(session, settings)
+            await provider_metadata(ProviderSession(session), settings)
         cloud.oidc.switches.announced_issuer = None
-        assert (await provider_metadata(session, settings)).issuer == cloud.base_url
+        assert (await provider_metadata(ProviderSession(session), settings)).issuer == cloud.base_url
 
 
 async def test_an_explicit_token_url_wins(cloud: MockCloud, store_path: Path) -> None:

@@ -34,6 +34,7 @@ from helpers.scripted import (
 )
 from helpers.wire import exchange
 
+from sidecar.proxy import upstream as upstream_module
 from sidecar.proxy.upstream import UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from sidecar.tokens import TokenPair
 
@@ -146,18 +147,59 @@ async def test_stale_connection_get_is_retried_on_a_fresh_one(upstream: StartUps
     assert server.conns[1].requests == [GET]
 
 
-async def test_stale_connection_post_with_bytes_body_is_retried_byte_for_byte(
-    upstream: StartUpstream, pool_for: PoolFactory
-) -> None:
-    """A POST with a small bytes body on a stale connection is replayed, body and all, on a fresh connection."""
+async def test_stale_connection_post_is_not_sent_twice(upstream: StartUpstream, pool_for: PoolFactory) -> None:
+    """A POST the upstream read on a kept-alive connection before closing it unanswered is not resent: it may have acted on it."""
     server = await upstream(stale_after_first)
     pool = pool_for(server)
     assert await get(pool) == b"ok"
-    post = b"POST /p HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\n\r\n"
-    response = await within(pool.send(post, b"hello", chunked=False, head_only=False))
+    post = b"POST /payments HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\n\r\n"
+    with pytest.raises(UpstreamUnreachable, match="a POST is not sent twice"):
+        await within(pool.send(post, b"hello", chunked=False, head_only=False))
+    assert len(server.conns) == 1
+    assert server.conns[0].requests == [GET, post + b"hello"]
+
+
+@pytest.mark.parametrize("method", [b"PUT", b"DELETE", b"OPTIONS"])
+async def test_stale_connection_idempotent_request_is_resent_byte_for_byte(
+    upstream: StartUpstream, pool_for: PoolFactory, method: bytes
+) -> None:
+    """An idempotent request (RFC 9110 §9.2.2) with a bytes body is replayed, body and all, on a fresh connection."""
+    server = await upstream(stale_after_first)
+    pool = pool_for(server)
+    assert await get(pool) == b"ok"
+    request = method + b" /p HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\n\r\n"
+    response = await within(pool.send(request, b"hello", chunked=False, head_only=False))
     assert await within(response.read_all(2.0)) == b"ok"
     response.release()
-    assert server.conns[1].requests == [post + b"hello"]
+    assert server.conns[1].requests == [request + b"hello"]
+
+
+async def test_idle_connection_is_closed_after_the_idle_limit(
+    upstream: StartUpstream, pool_for: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooled connection left idle past IDLE_SECONDS is closed by the pool (the server sees EOF); the next request opens a new one."""
+    monkeypatch.setattr(upstream_module, "IDLE_SECONDS", 0.05)
+
+    async def script(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(OK)
+        await conn.until_eof()
+
+    server = await upstream(script)
+    pool = pool_for(server)
+    assert await get(pool) == b"ok"
+    await within(server.conns[0].eof.wait())
+    assert await get(pool) == b"ok"
+    assert len(server.conns) == 2
+
+
+async def test_connection_reused_within_the_idle_limit(upstream: StartUpstream, pool_for: PoolFactory) -> None:
+    """With the default limit a connection back in the pool is reused by the next request."""
+    server = await upstream(answer_each(OK))
+    pool = pool_for(server)
+    for _ in range(3):
+        assert await get(pool) == b"ok"
+    assert len(server.conns) == 1
 
 
 async def test_stale_connection_streamed_body_is_not_retried(upstream: StartUpstream, pool_for: PoolFactory) -> None:

@@ -28,9 +28,10 @@ from aiohttp import web
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.auth.callback import loopback_callback, page
 from sidecar.auth.oidc.device import DevicePrompt
+from sidecar.auth.oidc.http import ProviderSession
 from sidecar.auth.oidc.login import BROWSER_FLOW, DEVICE_FLOW, check_login_settings, device_instructions, oauth2_login
 from sidecar.config import Settings
-from sidecar.egress.outbound import Outbound, client_session
+from sidecar.egress.outbound import Outbound, Proxies, client_session, proxy_options
 from sidecar.errors import ConfigError, LoginError, RefreshTransient
 from sidecar.store.interface import StoreSnapshot, write_pair
 from sidecar.store.location import open_store
@@ -108,16 +109,21 @@ async def poll_flow(
     announce: Announce,
     interval: float = POLL_INTERVAL,
     clock: Callable[[], float] = time.time,
+    proxies: Proxies | None = None,
 ) -> TokenPair:
-    """Run the headless flow; returns the pair or raises LoginError."""
+    """Run the headless flow; returns the pair or raises LoginError.
+
+    ``proxies`` is the egress proxy choice (None: straight to the cloud).
+    """
     code = one_time_code()
     base = upstream.rstrip("/")
     announce(f"{base}{DEVICE_PAGE}?code={code}")
     deadline = time.monotonic() + timeout
     url = f"{base}{POLL_PATH}?code={code}"
+    options = proxy_options(proxies.route(url) if proxies else None, url, {"Accept": "application/json"})
     while True:
         try:
-            async with session.get(url, headers={"Accept": "application/json"}, allow_redirects=False) as response:
+            async with session.get(url, allow_redirects=False, **options) as response:
                 status = response.status
                 body = await read_capped(response)
         except AnswerTooLarge:
@@ -214,8 +220,9 @@ async def login_command(
                 flush=True,
             )
 
-        async with client_session(settings, Outbound(settings)) as session:
-            pair = await poll_flow(upstream, session, timeout=timeout, announce=announce)
+        outbound = Outbound(settings)
+        async with client_session(settings, outbound) as session:
+            pair = await poll_flow(upstream, session, timeout=timeout, announce=announce, proxies=outbound.proxies)
     else:
         pair = await callback_flow(upstream, timeout=timeout, announce=_browser_announcer(open_browser, err))
     await save_login(settings, pair)
@@ -235,9 +242,10 @@ async def oauth2_login_command(
     def show(prompt: DevicePrompt) -> None:
         print(device_instructions(prompt), file=err, flush=True)
 
-    async with client_session(settings, Outbound(settings)) as session:
+    outbound = Outbound(settings)
+    async with client_session(settings, outbound) as session:
         pair, claims = await oauth2_login(
-            session,
+            ProviderSession(session, outbound.proxies),
             settings,
             flow=DEVICE_FLOW if headless else BROWSER_FLOW,
             announce=_browser_announcer(open_browser, err),

@@ -19,8 +19,10 @@ from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_c
 from sidecar.auth.oidc.client_auth import client_credentials
 from sidecar.auth.oidc.discovery import provider_metadata
 from sidecar.auth.oidc.grant import endpoint
-from sidecar.auth.oidc.http import ProviderError
+from sidecar.auth.oidc.http import ProviderError, ProviderSession
 from sidecar.config import Settings
+from sidecar.egress.outbound import Proxies
+from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import ConfigError, RefreshDead, RefreshTransient
 from sidecar.tokens import TokenPair, pair_from_grant
 
@@ -69,9 +71,11 @@ def classify_failure(status: int, body: bytes, *, oauth2: bool = False) -> Refre
 class HttpRefresher:
     """Shared HTTP plumbing; subclasses say what to send."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings, proxies: Proxies | None = None) -> None:
         self._session = session
         self._settings = settings
+        # Built from settings and the environment when the caller has none to share.
+        self._proxies = proxies or Proxies(settings.proxy)
         self._timeout = aiohttp.ClientTimeout(
             total=REFRESH_TIMEOUT, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
         )
@@ -81,6 +85,7 @@ class HttpRefresher:
 
     async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
         url, options = self._request(pair)
+        options.update(self._proxies.options(url, options.get("headers")))
         try:
             async with self._session.post(url, timeout=self._timeout, allow_redirects=False, **options) as response:
                 body = await read_capped(response)
@@ -90,9 +95,13 @@ class HttpRefresher:
         except TimeoutError:
             raise RefreshTransient("token endpoint timed out") from None
         except aiohttp.ClientError as exc:
-            raise RefreshTransient(f"token endpoint unreachable: {type(exc).__name__}") from None
+            tls_failure = describe_tls_failure(exc, "the token endpoint")
+            raise RefreshTransient(tls_failure or f"token endpoint unreachable: {type(exc).__name__}") from None
         except OSError as exc:
-            raise RefreshTransient(f"token endpoint unreachable: {exc.strerror or type(exc).__name__}") from None
+            tls_failure = describe_tls_failure(exc, "the token endpoint")
+            raise RefreshTransient(
+                tls_failure or f"token endpoint unreachable: {exc.strerror or type(exc).__name__}"
+            ) from None
         if not 200 <= status < 300:
             raise classify_failure(status, body, oauth2=isinstance(self, OAuth2Refresher))
         try:
@@ -130,7 +139,7 @@ class OAuth2Refresher(HttpRefresher):
     async def refresh(self, pair: TokenPair, now: float) -> TokenPair:
         if not self._settings.token_url and self._token_endpoint is None:
             try:
-                metadata = await provider_metadata(self._session, self._settings)
+                metadata = await provider_metadata(ProviderSession(self._session, self._proxies), self._settings)
             except ProviderError as exc:
                 raise RefreshTransient(f"discovery failed: {exc}") from None
             self._token_endpoint = endpoint(metadata, "token_endpoint")
@@ -149,8 +158,8 @@ class OAuth2Refresher(HttpRefresher):
         return url, {"headers": headers, "data": urlencode(form).encode("ascii")}
 
 
-def make_refresher(session: aiohttp.ClientSession, settings: Settings) -> HttpRefresher:
-    """The refresher for ``settings.flavor``."""
+def make_refresher(session: aiohttp.ClientSession, settings: Settings, proxies: Proxies | None = None) -> HttpRefresher:
+    """The refresher for ``settings.flavor``; ``proxies`` defaults to the settings' and the environment's."""
     if settings.flavor == "oauth2":
-        return OAuth2Refresher(session, settings)
-    return RelayRefresher(session, settings)
+        return OAuth2Refresher(session, settings, proxies)
+    return RelayRefresher(session, settings, proxies)

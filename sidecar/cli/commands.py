@@ -19,12 +19,13 @@ from sidecar.auth.answers import AnswerTooLarge, read_capped
 from sidecar.auth.hint import login_hint as flavor_login_hint
 from sidecar.auth.imported import pair_from_import
 from sidecar.auth.oidc.discovery import provider_metadata
-from sidecar.auth.oidc.http import ProviderError
+from sidecar.auth.oidc.http import ProviderError, ProviderSession
 from sidecar.auth.oidc.revocation import Revocation, revoke
 from sidecar.auth.oidc.userinfo import account
 from sidecar.auth.refresh import make_refresher
 from sidecar.config import Settings
-from sidecar.egress.outbound import Outbound, client_session
+from sidecar.egress.outbound import Outbound, Proxies, client_session
+from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
 from sidecar.refreshing import LOCK_TIMEOUT
@@ -35,10 +36,6 @@ from sidecar.tokens import TokenPair, format_timestamp
 WHOAMI_PATH = "/api/v1/auth/whoami"
 
 
-def _client_session(settings: Settings) -> aiohttp.ClientSession:
-    return client_session(settings, Outbound(settings))
-
-
 def _say(stream: TextIO, message: str) -> None:
     print(f"sidecar: {message}", file=stream)
 
@@ -46,8 +43,9 @@ def _say(stream: TextIO, message: str) -> None:
 async def token_command(settings: Settings, *, force: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Print a fresh access token (refreshing under the shared lock if needed)."""
     store = open_store(settings.store)
-    async with _client_session(settings) as session:
-        manager = TokenManager(store, make_refresher(session, settings), leeway=settings.leeway)
+    outbound = Outbound(settings)
+    async with client_session(settings, outbound) as session:
+        manager = TokenManager(store, make_refresher(session, settings, outbound.proxies), leeway=settings.leeway)
         await manager.load()
         before = manager.pair  # the hint needs its apiUrl even after a dead token clears it
         try:
@@ -130,7 +128,9 @@ async def _oauth2_logout(settings: Settings, err: TextIO) -> int:
             else f"not logged in; nothing to clear at {store.description}",
         )
         return 0
-    async with _client_session(settings) as session:
+    outbound = Outbound(settings)
+    async with client_session(settings, outbound) as client:
+        session = ProviderSession(client, outbound.proxies)
         try:
             metadata = await provider_metadata(session, settings)
         except (ProviderError, ConfigError) as exc:
@@ -172,8 +172,9 @@ async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[s
         "user": None,
         "problem": None,
     }
-    async with _client_session(settings) as session:
-        manager = TokenManager(store, make_refresher(session, settings), leeway=settings.leeway)
+    outbound = Outbound(settings)
+    async with client_session(settings, outbound) as session:
+        manager = TokenManager(store, make_refresher(session, settings, outbound.proxies), leeway=settings.leeway)
         await manager.load()
         pair = manager.pair
         if pair is None:
@@ -195,25 +196,28 @@ async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[s
             report["expiresAt"] = format_timestamp(pair.expires_at)
             report["secondsToExpiry"] = round(pair.expires_at - clock())
         if token and settings.flavor == "oauth2":
-            report["user"], problem = await account(session, settings, token)
+            report["user"], problem = await account(ProviderSession(session, outbound.proxies), settings, token)
             report["problem"] = report["problem"] or problem
         elif token and api_url:
-            report["user"], problem = await _whoami(session, api_url, token)
+            report["user"], problem = await _whoami(session, api_url, token, outbound.proxies)
             report["problem"] = report["problem"] or problem
     return report
 
 
-async def _whoami(session: aiohttp.ClientSession, api_url: str, token: str) -> tuple[dict[str, Any] | None, str | None]:
+async def _whoami(
+    session: aiohttp.ClientSession, api_url: str, token: str, proxies: Proxies
+) -> tuple[dict[str, Any] | None, str | None]:
     url = api_url.rstrip("/") + WHOAMI_PATH
+    options = proxies.options(url, {"Authorization": f"Bearer {token}"})
     try:
-        async with session.get(url, headers={"Authorization": f"Bearer {token}"}, allow_redirects=False) as response:
+        async with session.get(url, allow_redirects=False, **options) as response:
             if response.status != 200:
                 return None, f"whoami answered HTTP {response.status}"
             body = await read_capped(response)
     except AnswerTooLarge:
         return None, "whoami answered with a body over 1 MiB"
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return None, f"whoami failed: {type(exc).__name__}"
+        return None, f"whoami failed: {describe_tls_failure(exc) or type(exc).__name__}"
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -22,6 +22,7 @@ from typing import TextIO
 import aiohttp
 
 from sidecar.auth.login import callback_flow, save_login
+from sidecar.auth.oidc.http import ProviderSession
 from sidecar.auth.oidc.login import BROWSER_FLOW, oauth2_login
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound, client_session
@@ -104,9 +105,10 @@ async def run_demo(settings: Settings, *, access_ttl: float, cloud_port: int, ou
 
 
 async def _oauth2_login(settings: Settings, browse: Callable[[str], None]) -> TokenPair:
-    async with client_session(settings, Outbound(settings)) as session:
+    outbound = Outbound(settings)
+    async with client_session(settings, outbound) as session:
         pair, _claims = await oauth2_login(
-            session,
+            ProviderSession(session, outbound.proxies),
             settings,
             flow=BROWSER_FLOW,
             announce=browse,

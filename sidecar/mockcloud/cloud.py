@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -237,8 +239,11 @@ class MockCloud:
 
     # -- lifecycle --------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on ``host:port`` (0 picks a free port); return ``base_url``."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Listen on ``host:port`` (0 picks a free port); return ``base_url``.
+
+        With ``ssl_context`` it serves https (tests of sidecar's TLS trust).
+        """
         self._stop_signal.reset()
         runner = web.AppRunner(
             self.app,
@@ -251,14 +256,31 @@ class MockCloud:
             auto_decompress=False,
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         self._runner = runner
-        bound_host, bound_port = runner.addresses[0][:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self.base_url = f"http://{shown}:{bound_port}{self.prefix}"
+        self.base_url = self._url(runner.addresses[0], ssl_context)
         log.info("mock cloud listening on %s", self.base_url)
         return self.base_url
+
+    async def add_listener(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """One more address for the started cloud (same tokens, same counters); its base URL.
+
+        Tests use it to reach one cloud through two certificates.
+        """
+        if self._runner is None:
+            raise RuntimeError("start the mock cloud first")
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        return self._url(self._runner.addresses[-1], ssl_context)
+
+    def _url(self, address: Any, ssl_context: ssl.SSLContext | None) -> str:
+        bound_host, bound_port = address[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        scheme = "https" if ssl_context is not None else "http"
+        return f"{scheme}://{shown}:{bound_port}{self.prefix}"
 
     async def stop(self) -> None:
         """Stop listening; wake hanging handlers and close WebSockets first."""

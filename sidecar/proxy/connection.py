@@ -1,8 +1,11 @@
 """One pooled keep-alive connection to the upstream: the asyncio protocol, the httptools parser callbacks, the request writer.
 
-Failures are two exceptions, decided here and in the pool:
-UpstreamUnreachable (connect failed, or the connection died before an
-answer) and UpstreamTimeout.
+Failures are UpstreamUnreachable (connect failed, the connection died before
+an answer, or the answer is not one a proxy may relay) and UpstreamTimeout.
+
+Checked as it arrives (SPEC §4): the head keeps to its limits before the
+parser sees it; the final status is 2xx-5xx (101 is never asked for); bytes
+after a complete answer leave it standing but close the connection.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from typing import Protocol, cast
 
 import httptools
 
-from sidecar.proxy.response import UpstreamResponse
+from sidecar.egress.tls import report_tls_failure
+from sidecar.proxy.response import (
+    HEAD_LIMIT,
+    LINE_LIMIT,
+    UpstreamResponse,
+    body_until_close,
+    status_problem,
+)
 
 # Body bytes buffered from the upstream before reading pauses: enough for a
 # few large socket reads, small enough that a slow client costs little memory.
@@ -34,6 +44,10 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """Connecting or waiting for the next bytes took longer than allowed."""
+
+
+class _Halt(Exception):
+    """Raised in a parser callback to stop llhttp; the reason is already recorded."""
 
 
 class ConnectionOwner(Protocol):
@@ -69,8 +83,10 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
-        self._received_any = False
+        self._received_any = self.sent_any = False  # sent: a byte of this exchange's request was written
+        self.idle_since = 0.0  # loop time it went back to the pool (the pool's bookkeeping)
         self._keep_after = True
+        self._head_bytes = self._line_bytes = 0  # of the head so far, and of its unfinished line
         # parser scratch
         self._status_reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -99,7 +115,8 @@ class Connection(asyncio.Protocol):
                 self._exception = UpstreamUnreachable(
                     "the upstream closed the connection"
                     if self._received_any or exc is None
-                    else f"the upstream connection failed ({type(exc).__name__})"
+                    # TLS 1.3 servers refuse a missing client certificate after the handshake.
+                    else report_tls_failure(exc) or f"the upstream connection failed ({type(exc).__name__})"
                 )
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -122,15 +139,68 @@ class Connection(asyncio.Protocol):
             # Bytes nobody asked for: the connection is no longer in a known state.
             self.close()
             return
+        response = self._response
         try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
-        except httptools.HttpParserError:
-            if self._exception is None:
+            if response is not None and not response.status:
+                rest = self._feed_head(parser, data, response)
+                if rest is None:  # over a limit: nothing past it reaches the parser
+                    self.close()
+                elif rest:
+                    parser.feed_data(rest)
+            else:
+                parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            if response is not None and response.complete:
+                pass  # stray bytes after a complete answer: it stands, the connection does not
+            elif self._exception is None:
                 self._exception = UpstreamUnreachable("the upstream sent a malformed response")
             self.close()
         self._wake()
+
+    def _feed_head(
+        self, parser: httptools.HttpResponseParser, data: bytes, response: UpstreamResponse
+    ) -> memoryview | bytes | None:
+        """Feed the parser ``data`` up to the end of the final head, within the limits; the rest, or None when over one."""
+        size = len(data)
+        if self._head_bytes + size <= LINE_LIMIT + 2:
+            # The usual answer: with 8 KiB in all so far no line and not the head can be over.
+            parser.feed_data(data)
+            if not response.status:  # the head goes on in the next read
+                newline = data.rfind(b"\n")
+                self._line_bytes = self._line_bytes + size if newline < 0 else size - newline - 1
+                self._head_bytes += size
+            return b""
+        view = memoryview(data)
+        line = self._line_bytes
+        fed = pos = 0
+        while pos < size:
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                line += size - pos
+                pos = size
+                break
+            line += newline + 1 - pos
+            pos = newline + 1
+            if line > LINE_LIMIT + 2:
+                break
+            if line <= 2:  # the blank line ending a head (the parser checks it is CRLF)
+                if self._head_bytes + pos > HEAD_LIMIT:
+                    break
+                parser.feed_data(view[fed:pos])
+                fed = pos
+                if response.status:  # the final head: what follows is body
+                    return view[pos:]
+            line = 0
+        # An unfinished line may end in its CR: 8 KiB and one byte is still in bounds.
+        if line > LINE_LIMIT + 1:
+            self._exception = UpstreamUnreachable("a line of the upstream's response head is over 8 KiB")
+        elif self._head_bytes + pos > HEAD_LIMIT:
+            self._exception = UpstreamUnreachable("the upstream's response head is over 64 KiB")
+        else:
+            self._head_bytes += size
+            self._line_bytes = line
+            return view[fed:]
+        return None
 
     def eof_received(self) -> bool:
         return False
@@ -138,6 +208,9 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------
 
     def on_message_begin(self) -> None:
+        response = self._response
+        if response is not None and response.complete:
+            raise _Halt()  # a second message after the answer: stray bytes
         self._headers = []
         self._status_reason = b""
 
@@ -153,12 +226,16 @@ class Connection(asyncio.Protocol):
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # 100 Continue, 103 Early Hints: the real answer follows
+        problem = status_problem(status, self._status_reason)
+        if problem is not None:
+            self._exception = UpstreamUnreachable(problem)
+            raise _Halt()  # llhttp stops; data_received closes the connection
         response = self._response
         response.status = status
         response.reason = self._status_reason
         response.headers = self._headers
         response.keep_alive = parser.should_keep_alive()
-        response.until_eof = _until_eof(status, self._headers)
+        response.until_eof = body_until_close(status, self._headers)
         # Trailer fields after a chunked body must not join the headers.
         self._headers = []
         if self._head_only or status in (204, 304):
@@ -169,7 +246,7 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self._response
         if response is None or response.complete:
-            return
+            raise _Halt()  # after the answer to a HEAD, or a 204/304: stray bytes
         response.chunks.append(body)
         response.buffered += len(body)
         if response.buffered > _PAUSE_ABOVE and not self._read_paused and self._transport is not None:
@@ -199,8 +276,9 @@ class Connection(asyncio.Protocol):
         """Start an exchange; the response fills in as the answer arrives."""
         self._exception = None
         self._keep_after = True
-        self._received_any = False
+        self._received_any = self.sent_any = False
         self._head_only = head_only
+        self._head_bytes = self._line_bytes = 0
         self._parser = httptools.HttpResponseParser(self)
         self._response = UpstreamResponse(self)
         return self._response
@@ -299,6 +377,7 @@ class Connection(asyncio.Protocol):
             if self.answered:
                 return  # the answer is in; the rest of the body is moot
             raise UpstreamUnreachable("the upstream closed the connection")
+        self.sent_any = True
         self._transport.write(data)
 
 
@@ -319,13 +398,3 @@ async def _within(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None],
     finally:
         if timer is not None:
             timer.cancel()
-
-
-def _until_eof(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-    if status in (204, 304) or status < 200:
-        return False
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
-            return False
-    return True

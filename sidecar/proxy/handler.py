@@ -24,6 +24,7 @@ from aiohttp import web
 from sidecar.auth.hint import login_hint
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound
+from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshTransient
 from sidecar.manager import TokenManager
 from sidecar.proxy import problems, retry, websocket
@@ -191,7 +192,8 @@ class Proxy:
                 upstream.port,
                 connect_timeout=self._settings.connect_timeout,
                 read_timeout=self._settings.read_timeout,
-                tls=self._outbound.tls if upstream.scheme == "https" else None,
+                tls=self._outbound.tls,
+                proxy=self._outbound.proxy_for(upstream.url),
             )
             self._pools[upstream.origin] = pool
         return pool
@@ -279,10 +281,11 @@ class Proxy:
         token = await self._token(outcome)
         if isinstance(token, web.Response):
             return token
+        proxy = self._outbound.proxy_for(url)
 
         async def send(token: str) -> websocket.Handshake:
             answer = await websocket.handshake(
-                self._session, request, url, "Bearer " + token, self._settings.read_timeout
+                self._session, request, url, "Bearer " + token, self._settings.read_timeout, proxy
             )
             if answer.error is None:
                 outcome.upstream_status = answer.status
@@ -297,10 +300,13 @@ class Proxy:
                 outcome, problems.UPSTREAM_TIMEOUT, "The upstream did not answer the WebSocket handshake in time."
             )
         if answer.error is not None:
+            tls_failure = describe_tls_failure(answer.error)
             return self._problem(
                 outcome,
                 problems.UPSTREAM_UNREACHABLE,
-                f"The upstream could not be reached ({type(answer.error).__name__}).",
+                f"The upstream could not be reached: {tls_failure}."
+                if tls_failure
+                else f"The upstream could not be reached ({type(answer.error).__name__}).",
             )
         if answer.socket is None:
             refused = self._problem(

@@ -81,15 +81,31 @@ def request_head(
     return b"".join(parts)
 
 
-def response_headers(raw: RawHeaders) -> CIMultiDict[str]:
-    """The upstream's response headers minus hop-by-hop ones, for aiohttp's response."""
+def response_headers(raw: RawHeaders) -> tuple[CIMultiDict[str], bool]:
+    """The upstream's response headers minus hop-by-hop ones, for aiohttp's response; and whether aiohttp can write them as they came.
+
+    aiohttp writes header values as UTF-8, so a UTF-8 value decoded here goes
+    out as the very bytes it came in as (SPEC §4). A value that is not UTF-8
+    (obs-text, say Latin-1) is decoded with ``surrogateescape`` instead and the
+    flag is False: the caller must then write the head itself, since aiohttp's
+    serialiser drops the surrogates.  Names are tokens, so ASCII.
+    """
     drop = _RESPONSE_DROP_BYTES
     if _has_connection_header(raw):
         drop = drop | _connection_tokens(raw)
     # A list, not a generator: CIMultiDict builds from a list in about 60 % of the time (every relayed answer).
-    return CIMultiDict(
-        [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw if name.lower() not in drop]
-    )
+    try:
+        return CIMultiDict(
+            [(name.decode("latin-1"), value.decode("utf-8")) for name, value in raw if name.lower() not in drop]
+        ), True
+    except UnicodeDecodeError:
+        return CIMultiDict(
+            [
+                (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+                for name, value in raw
+                if name.lower() not in drop
+            ]
+        ), False
 
 
 def websocket_headers(headers: CIMultiDictProxy[str], authorization: str, skip: Iterable[str]) -> CIMultiDict[str]:

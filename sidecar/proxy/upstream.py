@@ -16,14 +16,31 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_module
+from collections.abc import Callable
 
-from sidecar.proxy.connection import Connection, RequestBody, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from sidecar.egress.proxies import ProxyRoute
+from sidecar.egress.tls import report_tls_failure
+from sidecar.egress.tunnel import absolute_form_connection, through_proxy
+from sidecar.proxy.connection import (
+    Connection,
+    ConnectionOwner,
+    RequestBody,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from sidecar.proxy.response import UpstreamResponse
 
 __all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse", "UpstreamTimeout", "UpstreamUnreachable"]
 
 # Idle keep-alive connections kept per upstream.
 _MAX_IDLE = 256
+# Seconds a pooled connection may sit idle before it is closed.  Servers close
+# theirs too (Node after 5 s): the longer one sits, the likelier a request
+# written to it meets the server's close.
+IDLE_SECONDS = 15.0
+# RFC 9110 §9.2.2: a request with one of these methods may be sent again.
+_IDEMPOTENT = (b"GET ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"TRACE ")
 
 
 class UpstreamPool:
@@ -38,6 +55,7 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
         tls: ssl_module.SSLContext | None = None,
+        proxy: ProxyRoute | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self._host = host
@@ -48,14 +66,23 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout or None
         self.read_timeout = read_timeout or None
         self._idle: list[Connection] = []
+        self._sweep: asyncio.TimerHandle | None = None
         default_port = 443 if scheme == "https" else 80
         authority = f"[{host}]" if ":" in host else host
         self.host_header = (authority if port == default_port else f"{authority}:{port}").encode(
             "idna" if not host.isascii() else "ascii"
         )
+        # The egress proxy is chosen once per pool (per upstream), never per request.
+        self._proxy = proxy
+        self._proxy_tls = (tls or ssl_module.create_default_context()) if proxy is not None and proxy.tls else None
+        self._new_connection: Callable[[ConnectionOwner], Connection] = (
+            absolute_form_connection(b"http://" + self.host_header, proxy)
+            if proxy is not None and scheme != "https"
+            else Connection
+        )
 
     async def _connect(self) -> Connection:
-        connection = Connection(self)
+        connection = self._new_connection(self)
         try:
             await asyncio.wait_for(
                 self.loop.create_connection(
@@ -64,28 +91,65 @@ class UpstreamPool:
                     self._port,
                     ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None,
+                )
+                if self._proxy is None
+                else through_proxy(
+                    self.loop,
+                    lambda: connection,
+                    self._proxy,
+                    self._host,
+                    self._port,
+                    tls=self._ssl,
+                    proxy_tls=self._proxy_tls,
                 ),
                 self._connect_timeout,
             )
         except TimeoutError:
             raise UpstreamTimeout("connecting to the upstream timed out") from None
         except (OSError, ssl_module.SSLError) as exc:
-            raise UpstreamUnreachable(f"cannot connect to the upstream ({type(exc).__name__})") from None
+            tls_failure = report_tls_failure(exc, where=f"{self._host}:{self._port}")
+            raise UpstreamUnreachable(tls_failure or f"cannot connect to the upstream ({type(exc).__name__})") from None
         return connection
 
     def _take_idle(self) -> Connection | None:
         idle = self._idle
+        oldest = self.loop.time() - IDLE_SECONDS
         while idle:
             connection = idle.pop()
-            if not connection.closed:
-                return connection
+            if connection.closed:
+                continue
+            if connection.idle_since < oldest:
+                connection.close()  # the sweep has not come round to it yet
+                continue
+            return connection
         return None
 
     def put_back(self, connection: Connection) -> None:
         if len(self._idle) < _MAX_IDLE:
+            connection.idle_since = self.loop.time()
             self._idle.append(connection)
+            if self._sweep is None:
+                self._sweep = self.loop.call_later(IDLE_SECONDS, self._close_long_idle)
         else:
             connection.close()
+
+    def _close_long_idle(self) -> None:
+        """Close the connections idle for IDLE_SECONDS; come back while any stay."""
+        self._sweep = None
+        oldest = self.loop.time() - IDLE_SECONDS
+        keep: list[Connection] = []
+        for connection in self._idle:
+            if connection.closed:
+                continue
+            if connection.idle_since <= oldest:
+                connection.close()
+            else:
+                keep.append(connection)
+        self._idle[:] = keep
+        if keep:
+            # The list is in put-back order: the first one left is the next due.
+            delay = keep[0].idle_since + IDLE_SECONDS - self.loop.time()
+            self._sweep = self.loop.call_later(max(delay, 0.0), self._close_long_idle)
 
     def forget(self, connection: Connection) -> None:
         try:
@@ -94,6 +158,9 @@ class UpstreamPool:
             pass
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for connection in self._idle:
             connection.close()
         self._idle.clear()
@@ -103,7 +170,12 @@ class UpstreamPool:
 
         ``head`` is the request line and headers, ending in a blank line.  A
         reused connection that turns out dead before any answer is retried
-        once on a fresh one when the body can be sent again.
+        once on a fresh one when the body can be sent again and the request
+        cannot have reached the upstream twice: its method is idempotent
+        (RFC 9110 §9.2.2), or not one byte of it was written (the connection
+        was found closed first).  Otherwise a request the upstream may have
+        read and acted on (a POST that charged a card) is not repeated: the
+        caller gets UpstreamUnreachable.
         """
         retry_allowed = not (body is not None and not isinstance(body, bytes))
         connection = self._take_idle()
@@ -121,6 +193,12 @@ class UpstreamPool:
                 connection.close()
                 if fresh or not retry_allowed or connection.received_any:
                     raise
+                if connection.sent_any and not head.startswith(_IDEMPOTENT):
+                    method = head[: head.find(b" ")].decode("ascii", "replace")
+                    raise UpstreamUnreachable(
+                        f"the upstream closed a kept-alive connection after the request was sent; "
+                        f"a {method} is not sent twice"
+                    ) from None
                 connection = None  # a stale keep-alive connection: try a new one
             except BaseException:
                 connection.close()

@@ -12,6 +12,9 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from sidecar.egress.outbound import proxy_options
+from sidecar.egress.proxies import ProxyRoute
+from sidecar.egress.tls import report_tls_failure
 from sidecar.proxy.headers import websocket_headers
 
 # aiohttp writes these for the upstream handshake itself.
@@ -47,13 +50,18 @@ class Handshake:
 
 
 async def handshake(
-    session: aiohttp.ClientSession, request: web.BaseRequest, url: str, authorization: str, close_timeout: float
+    session: aiohttp.ClientSession,
+    request: web.BaseRequest,
+    url: str,
+    authorization: str,
+    close_timeout: float,
+    proxy: ProxyRoute | None = None,
 ) -> Handshake:
-    """Open the upstream WebSocket; a refusal or a failure is in the answer, not raised."""
+    """Open the upstream WebSocket (by way of ``proxy`` if given); a refusal or a failure is in the answer, not raised."""
     try:
         socket = await session.ws_connect(
             URL(url, encoded=True),
-            headers=websocket_headers(request.headers, authorization, _HANDSHAKE_HEADERS),
+            **proxy_options(proxy, url, websocket_headers(request.headers, authorization, _HANDSHAKE_HEADERS)),
             protocols=requested_protocols(request),
             autoclose=False,
             autoping=False,
@@ -63,6 +71,7 @@ async def handshake(
     except aiohttp.WSServerHandshakeError as exc:
         return Handshake(exc.status)
     except (TimeoutError, aiohttp.ClientError) as exc:
+        report_tls_failure(exc, where=URL(url, encoded=True).raw_authority)
         return Handshake(0, error=exc)
     return Handshake(101, socket)
 

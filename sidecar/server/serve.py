@@ -17,6 +17,7 @@ from aiohttp import web
 
 from sidecar.auth.imported import seed_from_env
 from sidecar.config import Settings
+from sidecar.egress.outbound import Outbound
 from sidecar.server.app import Sidecar, running_sidecar
 from sidecar.server.listen import ListenAddress, open_site, parse_listen
 from sidecar.server.workers import reserve_port, run_workers
@@ -90,6 +91,9 @@ def install_uvloop() -> bool:
 
 def serve_command(settings: Settings, env: Mapping[str, str]) -> int:
     address = parse_listen(settings.listen, settings.allow_remote)
+    # A bad ca_file or client certificate is exit 2 once, before the store is
+    # seeded or workers fork (each would fail the same way).
+    Outbound(settings, env)
     # Until the loop installs its handlers, SIGTERM must still mean "exit 0",
     # e.g. while seeding waits for another process's store lock.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -19,6 +19,7 @@ import aiohttp
 from sidecar.auth.oidc.codeflow import Login
 from sidecar.auth.oidc.device import DevicePrompt
 from sidecar.auth.oidc.discovery import CACHE
+from sidecar.auth.oidc.http import ProviderSession
 from sidecar.auth.oidc.login import oauth2_login
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
@@ -69,7 +70,7 @@ async def code_login(settings: Settings, *, browser: Browser = browse) -> tuple[
     async with aiohttp.ClientSession() as session:
         try:
             result = await oauth2_login(
-                session,
+                ProviderSession(session),
                 settings,
                 flow="callback",
                 announce=lambda url: opened.append(asyncio.ensure_future(browser(url))),
@@ -119,7 +120,7 @@ async def device_login(settings: Settings, polling: Polling) -> Login | SidecarE
     async with aiohttp.ClientSession() as session:
         try:
             return await oauth2_login(
-                session,
+                ProviderSession(session),
                 settings,
                 flow="device",
                 announce=lambda _url: None,

@@ -2,18 +2,41 @@
 """Loopback benchmark of ``sidecar serve`` against nginx and a minimal aiohttp proxy.
 
     python tests/perf/bench.py [--quick] [--duration S] [--runs N] [--json FILE]
+                               [--baseline DIR [--compare-runs N] [--only-compare]]
 
 Starts, in a temp dir: a mock cloud (``python -m sidecar mock-cloud``); an
 upstream nginx serving ``/small`` (100 B), ``/big`` (1 MiB), ``/huge`` (sparse
 1 GiB) and proxying the refresh and upload endpoints to the mock cloud; the
-sidecar under test (``python -m sidecar serve``, i.e. whatever sidecar is
-installed); a reference nginx proxy; and ``minimal_proxy.py``. Then drives
-them with wrk (client pinned to CPU 0, servers to CPU 1 when possible) and
-prints tables, the issue's targets with PASS/FAIL, a refresh burst, 1 GiB
-streaming both ways and ``--workers 2`` vs 1.
+sidecar under test (``python -m sidecar serve``); a reference nginx proxy; and
+``minimal_proxy.py``. Then drives them with wrk (client pinned to CPU 0,
+servers to CPU 1 when possible) and prints tables, the issue's targets with
+PASS/FAIL, a refresh burst, 1 GiB streaming both ways and ``--workers 2`` vs 1.
 
-Exit status: 0 when the benchmark ran (whatever the PASS/FAIL lines say),
-1 on an error (missing tool, a server that does not start, a broken check).
+The sidecar under test is always the code of the checkout this file is in:
+every ``python -m sidecar`` runs with that checkout first on PYTHONPATH (and
+from a temp dir, since ``-m`` would put the working directory first), whatever
+sidecar the interpreter has installed; the bench checks where ``import
+sidecar`` resolves before it starts one.
+
+``--baseline DIR`` compares with another checkout (e.g. ``git worktree add
+DIR OLD_COMMIT``): a second sidecar, run by the same interpreter with DIR on
+PYTHONPATH and its own store written by DIR's ``sidecar import``, beside the
+current one against the same upstream nginx and mock cloud. The cases are
+GET /small at 64 connections, GET /big at 64 and GET /small at 1, each run
+``--compare-runs`` times (default 4) per side, alternating current, baseline,
+current, baseline... so drift hits both alike. The table gives each side's
+mean req/s, p50, p99 and CPU per request, the ratio current/baseline of the
+mean req/s and the run-to-run spread ((max - min) / mean req/s, the larger of
+the two sides); a case is "within noise" when |ratio - 1| is inside that
+spread, and the verdict line says "no regression beyond noise" when no case
+is slower beyond it. ``--only-compare`` skips everything else (nginx and
+minimal-proxy references, targets, burst, streaming, workers): with
+``--quick`` that takes about a minute. Everything is also in ``--json``
+(key ``compare``).
+
+Exit status: 0 when the benchmark ran (whatever the PASS/FAIL lines and the
+verdict say), 1 on an error (missing tool, a server that does not start, a
+broken check).
 
 Not a pytest module: nothing runs on import.
 """
@@ -56,6 +79,13 @@ CASES = [
     ("big_8c", "/big", 8, "1 MiB body, 8 connections"),
 ]
 
+# The steady-state cases of --baseline: current and baseline sidecar, nothing else.
+COMPARE_CASES = [
+    ("small_64c", "/small", 64, "small body (100 B), 64 connections"),
+    ("big_64c", "/big", 64, "1 MiB body, 64 connections"),
+    ("small_1c", "/small", 1, "small body (100 B), 1 connection"),
+]
+
 
 class BenchError(Exception):
     """A failure that makes the benchmark meaningless: reported on one line, exit 1."""
@@ -79,9 +109,44 @@ def fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.fmean(values) if values else None
+def mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _fmt_cpu(us: float | None) -> str:
+    return "-" if us is None else f"{us:.0f}us"
+
+
+def compare_case(path: str, conns: int, title: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Means, spread and verdict of one --baseline case; ``runs`` has "current" and "baseline" runs.
+
+    The spread of a side is (max - min) / mean of its req/s; the noise band is the larger
+    of the two sides'. The verdict is "within noise" when |ratio - 1| is inside it, else
+    "SLOWER" or "faster" (current against baseline).
+    """
+    out: dict[str, Any] = {"path": path, "connections": conns, "title": title, "runs": runs}
+    spreads = {}
+    for side, rs in runs.items():
+        rps = [r["rps"] for r in rs]
+        avg = statistics.fmean(rps)
+        spreads[side] = (max(rps) - min(rps)) / avg if avg else float("inf")
+        out[side] = {f: mean([r.get(f) for r in rs]) for f in ("rps", "p50_us", "p99_us", "cpu_us_per_req")}
+        out[side]["spread"] = spreads[side]
+    cur, base = out["current"]["rps"], out["baseline"]["rps"]
+    ratio = cur / base if base else float("inf")
+    spread = max(spreads.values())
+    out["ratio"] = ratio
+    out["spread"] = spread
+    out["pair_ratios"] = [
+        a["rps"] / b["rps"] if b["rps"] else float("inf")
+        for a, b in zip(runs["current"], runs["baseline"], strict=True)
+    ]
+    if abs(ratio - 1) <= spread:
+        out["verdict"] = "within noise"
+    else:
+        out["verdict"] = "SLOWER" if ratio < 1 else "faster"
+    return out
 
 
 def iso(epoch: float) -> str:
@@ -245,7 +310,7 @@ class Processes:
         self.env = env
         self.servers: list[Server] = []
 
-    def start(self, name: str, argv: list[str], port: int) -> Server:
+    def start(self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None) -> Server:
         if self.server_cpus is not None:
             argv = ["taskset", "-c", self.server_cpus, *argv]
         log = self.workdir / "logs" / f"{name}.log"
@@ -257,7 +322,7 @@ class Processes:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
-                env=self.env,
+                env=self.env if env is None else env,
             )
         server = Server(name, proc, log, port)
         self.servers.append(server)
@@ -558,6 +623,54 @@ def _cmd_output(argv: list[str]) -> str:
     return (done.stdout + done.stderr).strip()
 
 
+def with_code(env: dict[str, str], checkout: Path) -> dict[str, str]:
+    """``env`` with ``checkout`` first on PYTHONPATH, so ``python -m sidecar`` runs that checkout's code."""
+    out = dict(env)
+    rest = env.get("PYTHONPATH")
+    out["PYTHONPATH"] = str(checkout) + (os.pathsep + rest if rest else "")
+    return out
+
+
+def code_origin(env: dict[str, str], cwd: Path, checkout: Path) -> str:
+    """Where ``import sidecar`` resolves under ``env``; BenchError unless it is ``checkout``'s package."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"cannot import sidecar from {checkout}: {done.stderr.strip()}")
+    where = Path(done.stdout.strip()).resolve().parent
+    if where != (checkout / "sidecar").resolve():
+        raise BenchError(f"with PYTHONPATH={checkout}, sidecar is imported from {where}, not from that checkout")
+    return str(where)
+
+
+def checkout_desc(checkout: Path, env: dict[str, str], cwd: Path) -> str:
+    """``sidecar X.Y.Z (git abc1234[, sidecar/ modified]) from PATH`` for the header.
+
+    ``cwd`` must not be a checkout: ``python -m`` puts the working directory before PYTHONPATH.
+    """
+    git = _cmd_output(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
+    dirty = _cmd_output(["git", "-C", str(checkout), "status", "--porcelain", "--", "sidecar"])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sidecar", "--version"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=cwd,
+            timeout=30,
+        )
+        version = (done.stdout + done.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        version = f"? ({exc})"
+    return f"{version} (git {git}{', sidecar/ modified' if dirty else ''}) from {checkout}"
+
+
 def background_load(seconds: float = 1.0) -> dict[str, float]:
     """Busy share of each CPU over ``seconds`` before the benchmark starts (other work on the box)."""
 
@@ -585,7 +698,16 @@ def background_load(seconds: float = 1.0) -> dict[str, float]:
     return load
 
 
-def header_info(nginx: str, wrk: str, plan_desc: str, minimal_loop: str, usable_cpus: int) -> dict[str, Any]:
+def header_info(
+    nginx: str,
+    wrk: str,
+    plan_desc: str,
+    minimal_loop: str,
+    usable_cpus: int,
+    env: dict[str, str],
+    baseline: tuple[Path, dict[str, str]] | None,
+    cwd: Path,
+) -> dict[str, Any]:
     model = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -594,8 +716,6 @@ def header_info(nginx: str, wrk: str, plan_desc: str, minimal_loop: str, usable_
                 break
     except OSError:
         pass
-    git = _cmd_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = _cmd_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "sidecar"])
     return {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": platform.machine(),
@@ -607,8 +727,8 @@ def header_info(nginx: str, wrk: str, plan_desc: str, minimal_loop: str, usable_
         "uvloop": _version_of("uvloop"),
         "nginx": _cmd_output([nginx, "-v"]).replace("nginx version: ", ""),
         "wrk": _cmd_output([wrk, "-v"]).splitlines()[0].split(" Copyright")[0],
-        "sidecar": _cmd_output([sys.executable, "-m", "sidecar", "--version"])
-        + f" (git {git}{', sidecar/ modified' if dirty else ''})",
+        "sidecar": checkout_desc(REPO, env, cwd),
+        "baseline": checkout_desc(*baseline, cwd) if baseline else None,
         "pinning": plan_desc,
         "minimal_proxy_loop": minimal_loop,
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
@@ -643,8 +763,12 @@ class Bench:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         env["XDG_CONFIG_HOME"] = str(workdir / "xdg-config")  # no user sidecar.toml
         env["PYTHONUNBUFFERED"] = "1"
-        self.env = env
-        self.procs = Processes(workdir, self.server_cpus, env)
+        self.env = with_code(env, REPO)  # "current" = this checkout, not whatever the venv has installed
+        self.baseline: Path | None = args.baseline
+        self.baseline_env = with_code(env, args.baseline) if args.baseline else None
+        self.only_compare: bool = args.only_compare
+        self.compare_runs: int = args.compare_runs
+        self.procs = Processes(workdir, self.server_cpus, self.env)
         self.wrk_path = wrk
         self.wrk = Wrk(wrk, self.client_cpus)
         self.results: dict[str, Any] = {}
@@ -694,7 +818,10 @@ class Bench:
         self.procs.wait_ready(server, ready_path)
         return server
 
-    def start_sidecar(self, name: str, store: Path, *extra: str, consecutive: int = 1) -> tuple[Server, float]:
+    def start_sidecar(
+        self, name: str, store: Path, *extra: str, consecutive: int = 1, env: dict[str, str] | None = None
+    ) -> tuple[Server, float]:
+        """``python -m sidecar serve`` of this checkout, or of the one ``env`` puts on PYTHONPATH."""
         port = free_port()
         argv = [
             sys.executable,
@@ -711,7 +838,7 @@ class Bench:
             "warning",
             *extra,
         ]
-        server = self.procs.start(name, argv, port)
+        server = self.procs.start(name, argv, port, env)
         waited = self.procs.wait_ready(server, "/_sidecar/ready", consecutive=consecutive)
         return server, waited
 
@@ -750,6 +877,35 @@ class Bench:
         document: dict[str, Any] = json.loads(body)
         return document
 
+    def import_store(self, store: Path, env: dict[str, str]) -> None:
+        """``sidecar import`` of the seed pair into ``store``, by the checkout ``env`` runs."""
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "import",
+                "--store",
+                str(store),
+                "--upstream",
+                self.upstream_url,
+                "--access-token",
+                self.pair["accessToken"],
+                "--refresh-token",
+                self.pair["refreshToken"],
+                "--expires-at",
+                self.pair["accessTokenExpiresAt"],
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=self.workdir,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            checkout = env["PYTHONPATH"].split(os.pathsep)[0]
+            raise BenchError(f"sidecar import (from {checkout}) failed ({done.returncode}): {done.stderr.strip()}")
+
     def setup(self) -> None:
         w = self.workdir
         www = w / "www"
@@ -767,37 +923,35 @@ class Bench:
         self.upstream_url = f"http://127.0.0.1:{up_port}"
 
         # A real pair from the mock cloud (so /api/v1/upload accepts it), valid for a day.
-        pair = self.refresh_direct(self.tokens["seed"])
-        self.access_token = pair["accessToken"]  # for the direct (no proxy) upload reference
+        self.pair = self.refresh_direct(self.tokens["seed"])
+        self.access_token = self.pair["accessToken"]  # for the direct (no proxy) upload reference
         self.store = w / "store-main.json"
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sidecar",
-                "import",
-                "--store",
-                str(self.store),
-                "--upstream",
-                self.upstream_url,
-                "--access-token",
-                pair["accessToken"],
-                "--refresh-token",
-                pair["refreshToken"],
-                "--expires-at",
-                pair["accessTokenExpiresAt"],
-            ],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            cwd=w,
-            timeout=60,
-        )
-        if done.returncode != 0:
-            raise BenchError(f"sidecar import failed ({done.returncode}): {done.stderr.strip()}")
+        self.import_store(self.store, self.env)
 
+        code_origin(self.env, w, REPO)
         self.sidecar, self.sidecar_startup = self.start_sidecar("sidecar", self.store)
+        self.targets: dict[str, tuple[Server, Server | None]] = {
+            "direct": (self.upstream, None),
+            "sidecar": (self.sidecar, self.sidecar),
+        }
+        if not self.only_compare:
+            self.setup_references()
+        # Sanity: every target serves both bodies correctly.
+        for name, (server, _) in self.targets.items():
+            self.check_bodies(name, server)
 
+    def check_bodies(self, name: str, server: Server) -> None:
+        status, body = http_request(server.port, "/small")
+        if status != 200 or body != SMALL_BODY.encode():
+            raise BenchError(f"{name}: GET /small answered {status} with {len(body)} bytes")
+        status, body = http_request(server.port, "/big")
+        if status != 200 or len(body) != MiB:
+            raise BenchError(f"{name}: GET /big answered {status} with {len(body)} bytes")
+
+    def setup_references(self) -> None:
+        """The nginx proxy and the minimal aiohttp proxy the main cases compare sidecar with."""
+        w = self.workdir
+        up_port = self.upstream.port
         px_port = free_port()
         conf = proxy_nginx_conf(w / "nginx-proxy", px_port, up_port)
         self.nginx_proxy = self.start_nginx("nginx-proxy", conf, px_port, "/small")
@@ -809,21 +963,8 @@ class Bench:
             mp_port,
         )
         self.procs.wait_ready(self.minimal, "/small")
-
-        self.targets = {
-            "direct": (self.upstream, None),
-            "sidecar": (self.sidecar, self.sidecar),
-            "nginx-proxy": (self.nginx_proxy, self.nginx_proxy),
-            "minimal-aiohttp": (self.minimal, self.minimal),
-        }
-        # Sanity: every target serves both bodies correctly.
-        for name, (server, _) in self.targets.items():
-            status, body = http_request(server.port, "/small")
-            if status != 200 or body != SMALL_BODY.encode():
-                raise BenchError(f"{name}: GET /small answered {status} with {len(body)} bytes")
-            status, body = http_request(server.port, "/big")
-            if status != 200 or len(body) != MiB:
-                raise BenchError(f"{name}: GET /big answered {status} with {len(body)} bytes")
+        self.targets["nginx-proxy"] = (self.nginx_proxy, self.nginx_proxy)
+        self.targets["minimal-aiohttp"] = (self.minimal, self.minimal)
 
     # -- main cases -------------------------------------------------------
 
@@ -926,6 +1067,93 @@ class Bench:
         if any(cases[k].get("noisy") for k in cases):
             self.say("  (some cases were NOISY, see above: treat close calls with care)")
         self.results["targets"] = checks
+
+    # -- current vs baseline ----------------------------------------------
+
+    def run_compare(self) -> None:
+        """This checkout's sidecar against the ``--baseline`` checkout's, same upstream, runs interleaved."""
+        assert self.baseline is not None and self.baseline_env is not None
+        self.say()
+        self.say(
+            f"== current vs baseline sidecar (runs interleaved current, baseline, current, ...: "
+            f"{self.compare_runs} x {self.duration} s each per case, after a {self.warmup} s warm-up) =="
+        )
+        code_origin(self.baseline_env, self.workdir, self.baseline)
+        store = self.workdir / "store-baseline.json"
+        self.import_store(store, self.baseline_env)  # the baseline's own import: its own store format
+        base, base_startup = self.start_sidecar("sidecar-baseline", store, env=self.baseline_env)
+        self.check_bodies("sidecar-baseline", base)
+        sides = {"current": self.sidecar, "baseline": base}
+        cases: dict[str, Any] = {}
+        for key, path, conns, title in COMPARE_CASES:
+            for server in sides.values():  # warm-up, not reported
+                self.wrk.run(server.port, path, conns, self.warmup)
+            runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+            for _ in range(self.compare_runs):
+                for side, server in sides.items():
+                    runs[side].append(self.wrk.measured(server.port, path, conns, self.duration, server.tree()))
+            cases[key] = compare_case(path, conns, title, runs)
+        self.procs.stop(base)
+        self.print_compare(cases, base_startup)
+
+    def print_compare(self, cases: dict[str, Any], base_startup: float) -> None:
+        info = self.results.get("header", {})
+        self.say(f"  current:  {info.get('sidecar', REPO)}")
+        self.say(f"  baseline: {info.get('baseline', self.baseline)}")
+        self.say(f"  startup to /_sidecar/ready: current {self.sidecar_startup:.2f} s, baseline {base_startup:.2f} s")
+        self.say(
+            f"{'case':<12} {'cur req/s':>10} {'base req/s':>10} {'ratio':>6} {'spread':>6} "
+            f"{'cur p50':>8} {'cur p99':>8} {'base p50':>8} {'base p99':>8} {'cur CPU':>7} {'base CPU':>8}  verdict"
+        )
+        for key, c in cases.items():
+            cur, base = c["current"], c["baseline"]
+            self.say(
+                f"{key:<12} {cur['rps']:>10,.0f} {base['rps']:>10,.0f} {c['ratio']:>6.3f} {c['spread'] * 100:>5.1f}% "
+                f"{fmt_us(cur['p50_us']):>8} {fmt_us(cur['p99_us']):>8} "
+                f"{fmt_us(base['p50_us']):>8} {fmt_us(base['p99_us']):>8} "
+                f"{_fmt_cpu(cur['cpu_us_per_req']):>7} {_fmt_cpu(base['cpu_us_per_req']):>8}  {c['verdict']}"
+            )
+        self.say(
+            "  req/s, p50, p99, CPU (us per request, the sidecar process) are means over the runs; ratio = current / baseline "
+            "mean req/s; spread = run-to-run spread, (max - min) / mean req/s, the larger of the two sides"
+        )
+        for key, c in cases.items():
+            pairs = ", ".join(f"{r:.3f}" for r in c["pair_ratios"])
+            per_run = " / ".join(
+                f"{side} " + " ".join(f"{r['rps']:,.0f}" for r in c["runs"][side]) for side in ("current", "baseline")
+            )
+            self.say(f"  {key}: req/s per run: {per_run}; run-by-run ratios: {pairs}")
+        errors = {
+            f"{key} {side}": n
+            for key, c in cases.items()
+            for side in ("current", "baseline")
+            if (n := sum(r["errors"] for r in c["runs"][side]))
+        }
+        if errors:
+            self.say(f"  WARNING: non-2xx/3xx or socket errors during runs: {errors}")
+        slower = [k for k, c in cases.items() if c["verdict"] == "SLOWER"]
+        faster = [k for k, c in cases.items() if c["verdict"] == "faster"]
+        if slower:
+            verdict = "REGRESSION beyond noise in: " + ", ".join(
+                f"{k} (ratio {cases[k]['ratio']:.3f}, spread {cases[k]['spread'] * 100:.1f}%)" for k in slower
+            )
+        else:
+            verdict = "no regression beyond noise"
+            if faster:
+                verdict += " (current faster beyond noise in: " + ", ".join(faster) + ")"
+        if errors:
+            verdict += "; but some runs had errors, see above"
+        self.say(f"  verdict: {verdict}")
+        self.results["compare"] = {
+            "current": str(REPO),
+            "baseline": str(self.baseline),
+            "runs_per_side": self.compare_runs,
+            "duration_s": self.duration,
+            "baseline_startup_s": base_startup,
+            "cases": cases,
+            "errors": errors,
+            "verdict": verdict,
+        }
 
     # -- refresh burst ----------------------------------------------------
 
@@ -1170,9 +1398,19 @@ class Bench:
 
     def run(self) -> None:
         minimal_loop = "uvloop" if _version_of("uvloop") != "not installed" else "asyncio (uvloop not importable)"
-        info = header_info(self.nginx, self.wrk_path, self.plan_desc, minimal_loop, self.usable_cpus)
+        baseline = (self.baseline, self.baseline_env) if self.baseline and self.baseline_env else None
+        info = header_info(
+            self.nginx, self.wrk_path, self.plan_desc, minimal_loop, self.usable_cpus, self.env, baseline, self.workdir
+        )
         self.results["header"] = info
-        self.results["settings"] = {"duration_s": self.duration, "runs": self.runs, "warmup_s": self.warmup}
+        self.results["settings"] = {
+            "duration_s": self.duration,
+            "runs": self.runs,
+            "warmup_s": self.warmup,
+            "baseline": str(self.baseline) if self.baseline else None,
+            "compare_runs": self.compare_runs if self.baseline else None,
+            "only_compare": self.only_compare,
+        }
         self.say("sidecar loopback benchmark")
         for key, label in (
             ("date", "date"),
@@ -1185,28 +1423,37 @@ class Bench:
             ("nginx", "nginx"),
             ("wrk", "wrk"),
             ("sidecar", "sidecar"),
+            ("baseline", "baseline sidecar"),
             ("pinning", "pinning"),
             ("minimal_proxy_loop", "minimal proxy loop"),
             ("busy_percent_before_start", "other load"),
         ):
             value = info[key]
+            if value is None:
+                continue
             if key == "cores":
                 value = f"{value} (usable: {info['usable_cpus']})"
             if key == "busy_percent_before_start":
                 busy = ", ".join(f"{cpu} {pct:.0f}% busy" for cpu, pct in value.items())
                 value = f"{busy} over 1 s before start; loadavg {' '.join(info['loadavg'])}"
             self.say(f"  {label + ':':<20} {value}")
-        self.say(
-            f"  {'runs:':<20} {self.runs} x {self.duration} s per target and case, after a {self.warmup} s warm-up"
-        )
+        if not self.only_compare:
+            self.say(
+                f"  {'runs:':<20} {self.runs} x {self.duration} s per target and case, after a {self.warmup} s warm-up"
+            )
         t0 = time.monotonic()
         self.setup()
         self.say(f"  {'sidecar startup:':<20} {self.sidecar_startup:.2f} s to /_sidecar/ready")
-        self.run_cases()
-        self.print_targets()
-        self.run_burst()
-        self.run_streaming()
-        self.run_workers()
+        if self.only_compare:
+            self.run_compare()
+        else:
+            self.run_cases()
+            self.print_targets()
+            if self.baseline:
+                self.run_compare()
+            self.run_burst()
+            self.run_streaming()
+            self.run_workers()
         total = time.monotonic() - t0
         self.results["total_seconds"] = total
         self.say()
@@ -1227,7 +1474,35 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=2, help="runs per target and case (at least 2; default 2)")
     parser.add_argument("--json", metavar="FILE", help="also write every number as JSON to FILE")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout of sidecar (e.g. a git worktree at an older commit): also run its sidecar beside "
+        "this one and compare the steady-state cases",
+    )
+    parser.add_argument(
+        "--compare-runs",
+        type=int,
+        default=4,
+        metavar="N",
+        help="runs per side and case of the --baseline comparison (at least 2; default 4)",
+    )
+    parser.add_argument(
+        "--only-compare",
+        action="store_true",
+        help="with --baseline: only the comparison (no nginx/minimal reference, burst, streaming or workers)",
+    )
     args = parser.parse_args()
+    if args.only_compare and args.baseline is None:
+        parser.error("--only-compare needs --baseline DIR")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "sidecar" / "__init__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no sidecar/__init__.py there (not a checkout of sidecar)")
+        if args.baseline == REPO.resolve():
+            parser.error("--baseline is this checkout itself")
+    args.compare_runs = max(2, args.compare_runs)
     if args.duration is None:
         args.duration = 2 if args.quick else 5
     if args.duration < 1:

@@ -13,7 +13,6 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
@@ -29,6 +28,7 @@ from sidecar.auth.oidc.grant import (
     refusal,
     token_request,
 )
+from sidecar.auth.oidc.http import ProviderSession
 from sidecar.auth.oidc.idtoken import IdClaims
 from sidecar.auth.oidc.pkce import Pkce, new_nonce, new_pkce, new_state
 from sidecar.config import Settings
@@ -89,7 +89,7 @@ def callback_error(query: Mapping[str, str], state: str, issuer: str | None) -> 
 
 
 async def code_flow(
-    session: aiohttp.ClientSession,
+    session: ProviderSession,
     settings: Settings,
     metadata: ProviderMetadata,
     *,

@@ -16,13 +16,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp
 from yarl import URL
 
 from sidecar.auth.oidc.client_auth import client_credentials
 from sidecar.auth.oidc.discovery import ProviderMetadata
 from sidecar.auth.oidc.grant import audience_parameters, endpoint, login_pair, login_scope, refusal, token_request
-from sidecar.auth.oidc.http import post_form
+from sidecar.auth.oidc.http import ProviderSession, post_form
 from sidecar.auth.oidc.idtoken import IdClaims
 from sidecar.auth.oidc.pkce import new_pkce
 from sidecar.config import Settings
@@ -114,7 +113,7 @@ def device_code_from(document: Mapping[str, Any]) -> DeviceCode:
 
 
 async def device_flow(
-    session: aiohttp.ClientSession,
+    session: ProviderSession,
     settings: Settings,
     metadata: ProviderMetadata,
     *,

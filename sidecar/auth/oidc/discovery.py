@@ -15,10 +15,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 from yarl import URL
 
-from sidecar.auth.oidc.http import Answer, ProviderError, get_json
+from sidecar.auth.oidc.http import Answer, ProviderError, ProviderSession, get_json
 from sidecar.config import Settings
 from sidecar.errors import ConfigError
 
@@ -120,7 +119,7 @@ class DiscoveryCache:
         """Drop everything (tests that change a provider under the same issuer)."""
         self._documents.clear()
 
-    async def metadata(self, session: aiohttp.ClientSession, issuer: str) -> ProviderMetadata:
+    async def metadata(self, session: ProviderSession, issuer: str) -> ProviderMetadata:
         """The issuer's checked metadata, fetched on first use; DiscoveryError if there is none to be had."""
         cached = self._documents.get(issuer)
         if cached is not None:
@@ -143,7 +142,7 @@ class DiscoveryCache:
 CACHE = DiscoveryCache()
 
 
-async def provider_metadata(session: aiohttp.ClientSession, settings: Settings) -> ProviderMetadata:
+async def provider_metadata(session: ProviderSession, settings: Settings) -> ProviderMetadata:
     """The endpoints ``settings`` point at: discovered from ``issuer``, with an explicit ``token_url`` winning.
 
     Without an issuer only the token endpoint is known.

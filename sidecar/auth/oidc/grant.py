@@ -12,11 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-
 from sidecar.auth.oidc.client_auth import client_credentials
 from sidecar.auth.oidc.discovery import ProviderMetadata
-from sidecar.auth.oidc.http import Answer, post_form
+from sidecar.auth.oidc.http import Answer, ProviderSession, post_form
 from sidecar.auth.oidc.idtoken import IdClaims, check_id_token
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, LoginError, RefreshTransient
@@ -61,7 +59,7 @@ def endpoint(metadata: ProviderMetadata, name: str) -> str:
 
 
 async def token_request(
-    session: aiohttp.ClientSession, settings: Settings, metadata: ProviderMetadata, form: Mapping[str, str]
+    session: ProviderSession, settings: Settings, metadata: ProviderMetadata, form: Mapping[str, str]
 ) -> Answer:
     """POST ``form`` plus the client's credentials to the token endpoint."""
     credentials = client_credentials(settings)

@@ -1,9 +1,11 @@
 """The one seam where sidecar's OIDC code talks HTTP to the provider.
 
-Every call reads at most 1 MiB, has a total deadline, never follows a
-redirect, and turns aiohttp's exceptions into ProviderError.  What comes back
-is an Answer: the status and the JSON object of the body (empty when the
-body is not one), never free text.
+Every call goes through a ProviderSession (an aiohttp session from
+``egress.outbound.client_session`` and the egress proxy choice, so corporate
+CAs and proxies apply), reads at most 1 MiB, has a total deadline, never
+follows a redirect, and turns aiohttp's exceptions into ProviderError.  What
+comes back is an Answer: the status and the JSON object of the body (empty
+when the body is not one), never free text.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import aiohttp
 
 from sidecar import __version__
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
+from sidecar.egress.outbound import Proxies
 from sidecar.errors import SidecarError
 
 # One call to the provider (discovery, a token, a device code, revocation,
@@ -51,8 +54,16 @@ class Answer:
         return f"HTTP {self.status}" + (f" ({self.error})" if self.error else "")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProviderSession:
+    """How sidecar reaches a provider: the session (TLS, timeouts) and the egress proxy choice (None: direct)."""
+
+    client: aiohttp.ClientSession
+    proxies: Proxies | None = None
+
+
 async def post_form(
-    session: aiohttp.ClientSession,
+    session: ProviderSession,
     url: str,
     form: Mapping[str, str],
     *,
@@ -67,16 +78,27 @@ async def post_form(
 
 
 async def get_json(
-    session: aiohttp.ClientSession, url: str, *, what: str, headers: Mapping[str, str] | None = None
+    session: ProviderSession, url: str, *, what: str, headers: Mapping[str, str] | None = None
 ) -> Answer:
     """GET ``url`` asking for JSON; ``what`` names the endpoint in errors."""
     return await _call(session, "GET", url, what=what, headers={**_HEADERS, **(headers or {})})
 
 
-async def _call(session: aiohttp.ClientSession, method: str, url: str, *, what: str, **options: Any) -> Answer:
+async def _call(
+    session: ProviderSession,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    headers: Mapping[str, str],
+    data: bytes | None = None,
+) -> Answer:
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
+    options: Any = session.proxies.options(url, headers) if session.proxies is not None else {"headers": headers}
     try:
-        async with session.request(method, url, timeout=timeout, allow_redirects=False, **options) as response:
+        async with session.client.request(
+            method, url, data=data, timeout=timeout, allow_redirects=False, **options
+        ) as response:
             status = response.status
             body = await read_capped(response)
     except AnswerTooLarge:

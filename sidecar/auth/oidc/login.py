@@ -11,12 +11,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
-
 from sidecar.auth.oidc.client_auth import client_credentials
 from sidecar.auth.oidc.codeflow import Announce, code_flow
 from sidecar.auth.oidc.device import DevicePrompt, device_flow
 from sidecar.auth.oidc.discovery import provider_metadata
+from sidecar.auth.oidc.http import ProviderSession
 from sidecar.auth.oidc.idtoken import IdClaims
 from sidecar.config import Settings
 from sidecar.errors import ConfigError
@@ -51,7 +50,7 @@ def device_instructions(prompt: DevicePrompt) -> str:
 
 
 async def oauth2_login(
-    session: aiohttp.ClientSession,
+    session: ProviderSession,
     settings: Settings,
     *,
     flow: str,

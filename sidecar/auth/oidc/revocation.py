@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import aiohttp
-
 from sidecar.auth.oidc.client_auth import client_credentials
 from sidecar.auth.oidc.discovery import ProviderMetadata
-from sidecar.auth.oidc.http import ProviderError, post_form
+from sidecar.auth.oidc.http import ProviderError, ProviderSession, post_form
 from sidecar.config import Settings
 
 
@@ -26,7 +24,7 @@ class Revocation:
 
 
 async def revoke(
-    session: aiohttp.ClientSession, settings: Settings, metadata: ProviderMetadata, refresh_token: str
+    session: ProviderSession, settings: Settings, metadata: ProviderMetadata, refresh_token: str
 ) -> Revocation:
     """Revoke ``refresh_token`` at the revocation endpoint; network and provider failures come back as a problem."""
     url = metadata.revocation_endpoint

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import aiohttp
-
 from sidecar.auth.oidc.discovery import provider_metadata
-from sidecar.auth.oidc.http import ProviderError, get_json
+from sidecar.auth.oidc.http import ProviderError, ProviderSession, get_json
 from sidecar.config import Settings
 from sidecar.errors import ConfigError
 
@@ -39,7 +37,7 @@ def _claim(value: object) -> str | None:
     return None
 
 
-async def userinfo(session: aiohttp.ClientSession, url: str, access_token: str) -> tuple[UserInfo | None, str | None]:
+async def userinfo(session: ProviderSession, url: str, access_token: str) -> tuple[UserInfo | None, str | None]:
     """The account behind ``access_token``, or None and why not (never raises for the provider's failures)."""
     try:
         answer = await get_json(
@@ -63,7 +61,7 @@ async def userinfo(session: aiohttp.ClientSession, url: str, access_token: str) 
 
 
 async def account(
-    session: aiohttp.ClientSession, settings: Settings, access_token: str
+    session: ProviderSession, settings: Settings, access_token: str
 ) -> tuple[dict[str, str] | None, str | None]:
     """``status``'s user for the oauth2 flavor: sub/name/email from the discovered userinfo endpoint.
 
