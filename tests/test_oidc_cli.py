@@ -191,3 +191,32 @@ async def test_511_hint_names_the_oauth2_login_command(
         == f"sidecar login --flavor oauth2 --issuer {cloud.base_url} --client-id app --upstream {cloud.base_url}"
     )
     assert b"s3cret" not in reply.body
+
+
+# -- through an egress proxy ---------------------------------------------------------
+
+
+async def test_device_login_status_and_logout_go_through_the_proxy_setting(
+    env: dict[str, str], start: Start, cloud: MockCloud, store_path: Path, tmp_path: Path
+) -> None:
+    """With --proxy, discovery, the device grant, userinfo and revocation all reach the provider through the proxy."""
+    from helpers.forward_proxy import running_tinyproxy
+
+    cloud.oidc.switches.device_interval = 1
+    async with running_tinyproxy(tmp_path) as tinyproxy:
+        via = ("--proxy", tinyproxy.url)
+        process = await start("login", "--flow", "device", *provider_args(cloud, store_path, *via))
+        seen, url = await url_on_stderr(process, DEVICE_MARK)
+        assert (await browse(url)).status == 200  # the user's browser: direct
+        assert (await finish(process, seen)).code == 0
+        assert (await run_sidecar(env, "status", *provider_args(cloud, store_path, *via))).code == 0
+        assert (await run_sidecar(env, "logout", *provider_args(cloud, store_path, *via))).code == 0
+        lines = await tinyproxy.requests()
+    for path in (
+        "/.well-known/openid-configuration",
+        "/oauth/device_authorization",
+        "/oauth/token",
+        "/oauth/userinfo",
+        "/oauth/revoke",
+    ):
+        assert any(path in line for line in lines), (path, lines)

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import FakeClock, ProxyFactory, serving, stored
+from helpers.certs import make_ca
 from helpers.oidc import code_login, oidc_settings
 from helpers.proxying import PAST_EXPIRY, fetch
 
@@ -24,8 +25,9 @@ from sidecar.auth.oidc.discovery import (
     provider_metadata,
     same_issuer,
 )
-from sidecar.auth.oidc.http import ProviderSession
+from sidecar.auth.oidc.http import ProviderError, ProviderSession
 from sidecar.auth.refresh import make_refresher
+from sidecar.egress.outbound import Outbound, client_session
 from sidecar.errors import ConfigError, RefreshTransient, SidecarError
 from sidecar.mockcloud import MockCloud
 from sidecar.store.file import TokenFile
@@ -116,6 +118,32 @@ async def test_an_explicit_token_url_wins(cloud: MockCloud, store_path: Path) ->
     metadata = await discover(cloud, store_path, token_url="https://tokens.example/token")
     assert metadata.token_endpoint == "https://tokens.example/token"
     assert metadata.revocation_endpoint == cloud.base_url + "/oauth/revoke"
+
+
+async def https_discovery(tmp_path: Path, store_path: Path, *, trusted: bool) -> ProviderMetadata:
+    """Discover an https mock provider whose certificate comes from a private CA, trusted through ca_file or not."""
+    ca = make_ca(tmp_path)
+    cloud = MockCloud()
+    assert (await cloud.start(ssl_context=ca.server_context())).startswith("https://")
+    try:
+        settings = oidc_settings(cloud, store_path, ca_file=str(ca.pem) if trusted else None)
+        outbound = Outbound(settings)
+        async with client_session(settings, outbound) as client:
+            return await provider_metadata(ProviderSession(client, outbound.proxies), settings)
+    finally:
+        await cloud.stop()
+
+
+async def test_discovery_over_https_trusts_ca_file(tmp_path: Path, store_path: Path) -> None:
+    """Discovery goes through the configured TLS context: a provider signed by the ca_file CA is trusted."""
+    metadata = await https_discovery(tmp_path, store_path, trusted=True)
+    assert metadata.token_endpoint is not None and metadata.token_endpoint.startswith("https://")
+
+
+async def test_discovery_over_https_names_a_tls_failure(tmp_path: Path, store_path: Path) -> None:
+    """Without the CA the provider's certificate is refused, and the error says it was TLS verification."""
+    with pytest.raises(ProviderError, match="TLS verification"):
+        await https_discovery(tmp_path, store_path, trusted=False)
 
 
 # -- refreshing with what discovery found -------------------------------------

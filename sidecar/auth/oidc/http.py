@@ -20,6 +20,7 @@ import aiohttp
 from sidecar import __version__
 from sidecar.auth.answers import AnswerTooLarge, error_code, json_object, read_capped
 from sidecar.egress.outbound import Proxies
+from sidecar.egress.tls import describe_tls_failure
 from sidecar.errors import SidecarError
 
 # One call to the provider (discovery, a token, a device code, revocation,
@@ -93,22 +94,41 @@ async def _call(
     headers: Mapping[str, str],
     data: bytes | None = None,
 ) -> Answer:
-    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
+    """One exchange; a pooled connection that turns out closed is retried once on a fresh one.
+
+    A server or proxy may close an idle keep-alive connection at any time
+    (RFC 9112 §9.3.1); tinyproxy does it right after an answer.  Every call
+    made here may be repeated: discovery, userinfo, revocation and device
+    polls are idempotent, and an authorization code sent twice is refused
+    (the login fails) rather than spent twice.
+    """
     options: Any = session.proxies.options(url, headers) if session.proxies is not None else {"headers": headers}
-    try:
-        async with session.client.request(
-            method, url, data=data, timeout=timeout, allow_redirects=False, **options
-        ) as response:
-            status = response.status
-            body = await read_capped(response)
-    except AnswerTooLarge:
-        raise ProviderError(f"the {what} answered with a body over 1 MiB") from None
-    except TimeoutError:
-        raise ProviderError(f"the {what} timed out") from None
-    except aiohttp.InvalidURL:
-        raise ProviderError(f"the {what}'s URL is not valid") from None
-    except aiohttp.ClientError as exc:
-        raise ProviderError(f"the {what} could not be reached ({type(exc).__name__})") from None
-    except OSError as exc:
-        raise ProviderError(f"the {what} could not be reached ({exc.strerror or type(exc).__name__})") from None
-    return Answer(status, json_object(body))
+    for attempt in (1, 2):
+        try:
+            return await _exchange(session.client, method, url, data, options)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                raise ProviderError(f"the {what} could not be reached ({_reason(exc, what)})") from None
+        except AnswerTooLarge:
+            raise ProviderError(f"the {what} answered with a body over 1 MiB") from None
+        except TimeoutError:
+            raise ProviderError(f"the {what} timed out") from None
+        except aiohttp.InvalidURL:
+            raise ProviderError(f"the {what}'s URL is not valid") from None
+        except aiohttp.ClientError as exc:
+            raise ProviderError(f"the {what} could not be reached ({_reason(exc, what)})") from None
+        except OSError as exc:
+            reason = describe_tls_failure(exc, f"the {what}") or exc.strerror or type(exc).__name__
+            raise ProviderError(f"the {what} could not be reached ({reason})") from None
+    raise AssertionError("unreachable")
+
+
+def _reason(exc: BaseException, what: str) -> str:
+    """A TLS failure named (unknown CA, expired...), else the exception's class name."""
+    return describe_tls_failure(exc, f"the {what}") or type(exc).__name__
+
+
+async def _exchange(client: aiohttp.ClientSession, method: str, url: str, data: bytes | None, options: Any) -> Answer:
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
+    async with client.request(method, url, data=data, timeout=timeout, allow_redirects=False, **options) as response:
+        return Answer(response.status, json_object(await read_capped(response)))
