@@ -51,6 +51,7 @@ async def test_authorization_request_carries_pkce_s256_state_nonce_and_default_s
     assert len(query["code_challenge"]) == 43
     assert len(query["state"]) >= 22 and len(query["nonce"]) >= 22
     assert query["scope"] == "openid offline_access"
+    assert query["prompt"] == "consent"  # OIDC Core §11: offline_access wants it
     redirect = URL(query["redirect_uri"])
     assert (redirect.scheme, redirect.host, redirect.path) == ("http", "127.0.0.1", "/callback")
     assert redirect.port not in (None, 80)
@@ -166,6 +167,7 @@ async def test_grant_without_refresh_token_says_to_request_offline_access(cloud:
     result, page = await code_login(oidc_settings(cloud, store_path, scope="openid"))
     assert isinstance(result, LoginError) and "offline_access" in str(result)
     assert page.status == 400
+    assert "prompt" not in cloud.oidc.switches.seen["authorize"]  # consent is forced only for offline access
 
 
 async def test_provider_withholding_the_refresh_token_is_the_same_error(cloud: MockCloud, store_path: Path) -> None:

@@ -70,6 +70,7 @@ class _Authorization:
     expires_at: float
     redirect_uri: str | None = None
     nonce: str | None = None
+    consented: bool = True  # the code flow: prompt=consent was asked for (OIDC Core §11, for offline_access)
     status: str = "pending"  # device codes: pending, approved, denied; both: used
 
 
@@ -166,6 +167,7 @@ class OidcRoutes:
                 expires_at=self._ledger.clock() + CODE_TTL,
                 redirect_uri=str(target),
                 nonce=query.get("nonce"),
+                consented="consent" in query.get("prompt", "").split(),
             )
             answer["code"] = code
         raise web.HTTPFound(str(target.extend_query(answer)), text="Approved; back to the application.\n")
@@ -222,7 +224,7 @@ class OidcRoutes:
         return self._grant(request, grant)
 
     def _grant(self, request: web.Request, grant: _Authorization) -> web.Response:
-        """Start a login family at the ledger; the refresh token only with offline_access, as providers do."""
+        """Start a login family at the ledger; a refresh token only for offline_access with consent, as providers do."""
         issued = self._ledger.issue_pair()
         now = self._ledger.clock()
         scopes = grant.scope.split()
@@ -232,7 +234,7 @@ class OidcRoutes:
             "expires_in": max(0, round(issued.expires_at - now)),
             "scope": grant.scope,
         }
-        if "offline_access" in scopes and not self.switches.omit_refresh_token:
+        if "offline_access" in scopes and grant.consented and not self.switches.omit_refresh_token:
             body["refresh_token"] = issued.refresh_token
         if "openid" in scopes:
             claims: dict[str, Any] = {

@@ -53,17 +53,22 @@ def authorization_url(
     """Where the browser starts: the authorization endpoint with every parameter of this login.
 
     Parameters the endpoint URL already carries (an Azure AD B2C policy, say) are kept.
+    With ``offline_access`` the request carries ``prompt=consent``: OpenID
+    Connect Core §11 requires it, and providers that follow it (node
+    oidc-provider) grant no refresh token without it.
     """
     assert settings.client_id is not None  # checked by client_credentials before any flow starts
+    scope = login_scope(settings)
     query = {
         "response_type": "code",
         "client_id": settings.client_id,
         "redirect_uri": redirect_uri,
-        "scope": login_scope(settings),
+        "scope": scope,
         "state": state,
         "code_challenge": pkce.challenge,
         "code_challenge_method": pkce.method,
         **({"nonce": nonce} if nonce is not None else {}),
+        **({"prompt": "consent"} if "offline_access" in scope.split() else {}),
         **audience_parameters(settings),
     }
     return str(URL(endpoint(metadata, "authorization_endpoint")).update_query(query))
