@@ -2,7 +2,8 @@
 
 One module per job, imports flowing down this list:
 
-    http         the one seam that talks HTTP to the provider (ProviderError)
+    http         the one seam that talks HTTP to the provider (ProviderSession: the
+                 session and the egress proxies; ProviderError)
     client_auth  client authentication: client_secret_basic, client_secret_post, none
     pkce         PKCE S256 verifier and challenge, state, nonce
     discovery    the provider's metadata from its issuer, cached per process
