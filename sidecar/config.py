@@ -87,7 +87,7 @@ def _shown(key: str, value: object) -> object:
     """A setting as it may be printed: secrets and credentials in URLs masked."""
     if key == "client_secret" and value:
         return "***"
-    if key == "proxy" and isinstance(value, str):
+    if key in ("proxy", "store") and isinstance(value, str) and "://" in value:
         return mask_url_password(value)
     return value
 
@@ -363,7 +363,8 @@ def load_settings(
 
     if not values.get("store"):
         values["store"] = str(default_config_dir() / "tokens.json")
-    values["store"] = str(Path(values["store"]).expanduser())
+    if "://" not in values["store"]:
+        values["store"] = str(Path(values["store"]).expanduser())
     settings = Settings(**values)
     if settings.client_key_file and not settings.client_cert:
         raise ConfigError("client_key: set client_cert too (the certificate the key belongs to)")

@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers.redis_server import RedisServer
 
 from sidecar.errors import StoreConflict, StoreLockTimeout
 from sidecar.store.file import FileStore
 from sidecar.store.interface import TokenStore, clear_store, write_pair
+from sidecar.store.location import open_store
 from sidecar.store.memory import MemoryStore
 from sidecar.tokens import TokenPair
 
@@ -23,13 +25,24 @@ PAIR = TokenPair("at-1", "rt-1", "https://cloud.example", 2_000_000_000.0, 1_999
 OTHER = TokenPair("at-2", "rt-2", "https://cloud.example", 2_000_000_500.0, 1_999_990_500.0)
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(params=["file", "memory", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
-    """One empty store of each kind."""
+    """One empty store of each kind (the Redis one on a real redis-server)."""
     if request.param == "file":
         yield FileStore(tmp_path / "tokens.json")
-    else:
+    elif request.param == "memory":
         yield MemoryStore()
+    else:
+        directory = tmp_path / "redis"
+        directory.mkdir()
+        server = RedisServer(directory)
+        server.start()
+        store = open_store(server.url())
+        try:
+            yield store
+        finally:
+            await store.aclose()  # type: ignore[attr-defined]
+            server.stop()
 
 
 async def put(store: TokenStore, pair: TokenPair) -> None:

@@ -1,0 +1,62 @@
+"""The Lua scripts of the Redis store: each a single atomic step on one login's keys.
+
+KEYS[1] is always ``sidecar:{NAME}:pair`` or ``sidecar:{NAME}:lock`` and
+KEYS[2] the events channel ``sidecar:{NAME}:events``: one hash slot, so a
+Redis Cluster can run them.  Numbers cross as strings made with
+``string.format('%d')`` (Lua 5.1's ``tostring`` writes large ones as 1e+12).
+"""
+
+from __future__ import annotations
+
+# Write the pair only if its generation is still the one that was read (ARGV[1];
+# "" for "no record").  A new record starts at ARGV[2] (a time-based number, so
+# a Redis that came back empty never repeats an old generation); then +1.
+# ARGV[3..] are field, value pairs.  Returns the new generation, or -1.
+COMPARE_AND_SET = """
+local current = redis.call('HGET', KEYS[1], 'generation')
+if ARGV[1] == '' then
+  if current then return -1 end
+elseif current ~= ARGV[1] then
+  return -1
+end
+local new
+if current then new = string.format('%d', tonumber(current) + 1) else new = ARGV[2] end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'generation', new, unpack(ARGV, 3))
+redis.call('PUBLISH', KEYS[2], new)
+return new
+"""
+
+# Forget the pair; announce it.  Returns 1 if there was one.
+CLEAR = """
+local had = redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', KEYS[2], 'cleared')
+return had
+"""
+
+# Take the lock: ARGV[1] "HOLDER DEADLINE_MS", ARGV[2] the TTL in ms.
+ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+# Renew only if still the holder (ARGV[1]): new value ARGV[2], TTL ARGV[3] ms.
+RENEW = """
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# Release only if still the holder; tell the waiters.
+RELEASE = """
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], 'unlocked')
+  return 1
+end
+return 0
+"""

@@ -1,0 +1,293 @@
+"""A token store in Redis (SPEC §7): one login shared by sidecars on many hosts.
+
+Records, all in one hash slot: ``sidecar:{NAME}:pair`` (a hash of the
+document's fields plus ``generation``), ``sidecar:{NAME}:lock`` (``HOLDER
+DEADLINE_MS`` with a TTL) and the channel ``sidecar:{NAME}:events`` (the new
+generation, ``cleared`` or ``unlocked``; never a token).
+
+Safety rests on the compare-and-set on ``generation`` (redis_scripts.py), not
+on the lock: a holder that stalls past its TTL loses the lock, and its late
+write is refused.  The lock is renewed every TTL/3 while held; waiters wake
+on ``unlocked`` or at the holder's published deadline, whichever is first.
+``changed_since`` answers from what the events subscription heard (no round
+trip on the request path), and asks Redis itself while the subscription is
+down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+
+from sidecar.errors import ConfigError, StoreConflict, StoreError, StoreLockTimeout
+from sidecar.store import redis_scripts
+from sidecar.store.document import KNOWN_FIELDS, parse_store, serialize_store
+from sidecar.store.interface import StoreSnapshot, Version
+from sidecar.store.redis_url import RedisLocation
+from sidecar.tokens import TokenPair
+
+log = logging.getLogger("sidecar.store")
+
+LOCK_TTL = 10.0
+T = TypeVar("T")
+
+
+def _redis_module() -> Any:
+    try:
+        import redis.asyncio
+        import redis.exceptions
+    except ImportError:
+        raise ConfigError("the Redis store needs redis-py: pip install 'sidecar[redis]'") from None
+    return redis
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, without the server's text (which can quote a command)."""
+    name = type(exc).__name__
+    if name == "AuthenticationError" or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
+        return "Redis refused the credentials"
+    if "Timeout" in name:
+        return "Redis did not answer in time"
+    if "Connection" in name or isinstance(exc, OSError):
+        return "cannot connect to Redis"
+    return f"Redis failed ({name})"
+
+
+def _fields(pair: TokenPair) -> list[str]:
+    """The pair as hash field/value strings: known fields as text, unknown ones as JSON."""
+    document: dict[str, Any] = orjson.loads(serialize_store(pair))
+    flat: list[str] = []
+    for key, value in document.items():
+        flat += [key, value if key in KNOWN_FIELDS else orjson.dumps(value).decode()]
+    return flat
+
+
+def _pair(record: dict[str, str]) -> TokenPair:
+    document: dict[str, Any] = {}
+    for key, value in record.items():
+        if key == "generation":
+            continue
+        document[key] = value if key in KNOWN_FIELDS else orjson.loads(value)
+    return parse_store(orjson.dumps(document))
+
+
+class _RedisWrite:
+    def __init__(self, store: RedisStore, expected: Version | None) -> None:
+        self._store = store
+        self._expected = expected
+        self._done = False
+
+    async def commit(self, pair: TokenPair) -> Version:
+        if self._done:
+            raise StoreError("token store write already finished")
+        self._done = True
+        return await self._store.compare_and_set(pair, self._expected)
+
+    async def abort(self) -> None:
+        self._done = True
+
+
+class RedisStore:
+    """One login's pair in Redis, shared by every sidecar that names it."""
+
+    def __init__(self, location: RedisLocation, *, lock_ttl: float = LOCK_TTL) -> None:
+        self._location = location
+        self._redis = _redis_module()
+        self._lock_ttl_ms = max(int(lock_ttl * 1000), 1)
+        braces = "{" + location.name + "}"
+        self.pair_key = f"sidecar:{braces}:pair"
+        self.lock_key = f"sidecar:{braces}:lock"
+        self.events = f"sidecar:{braces}:events"
+        self._client: Any = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = False
+        self._heard: Version | None = None  # the generation the events last announced
+        self._pulse = asyncio.Event()
+
+    @property
+    def description(self) -> str:
+        return self._location.shown
+
+    # -- Redis calls --------------------------------------------------------
+
+    def _connection(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            # A CLI command runs each step in its own asyncio.run: one client per loop.
+            self._client = self._redis.asyncio.Redis.from_url(
+                self._location.url, decode_responses=True, socket_connect_timeout=3.0, socket_timeout=5.0
+            )
+            self._client_loop = loop
+            self._listener = None
+            self._listening = False
+            self._pulse = asyncio.Event()
+        return self._client
+
+    async def _call(self, step: Callable[[Any], Awaitable[T]]) -> T:
+        try:
+            return await step(self._connection())
+        except (self._redis.exceptions.RedisError, OSError) as exc:
+            raise StoreError(f"token store {self.description}: {_reason(exc)}") from None
+
+    # -- the store interface ---------------------------------------------
+
+    async def read(self) -> StoreSnapshot:
+        record: dict[str, str] = await self._call(lambda r: r.hgetall(self.pair_key))
+        if not record:
+            return StoreSnapshot(None, None, None)
+        version = record.get("generation")
+        try:
+            return StoreSnapshot(_pair(record), None, version)
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            return StoreSnapshot(None, f"token store {self.description} is unusable: {exc}", version)
+
+    async def changed_since(self, version: Version | None) -> bool:
+        self._listen()
+        if self._listening:
+            return self._heard != version
+        current = await self._call(lambda r: r.hget(self.pair_key, "generation"))
+        return bool(current != version)
+
+    async def begin_write(self, expected: Version | None) -> _RedisWrite:
+        await self._call(lambda r: r.ping())  # found out before a refresh token is spent
+        return _RedisWrite(self, expected)
+
+    async def compare_and_set(self, pair: TokenPair, expected: Version | None) -> Version:
+        start = str(int(time.time() * 1000))
+        keys_and_args = [self.pair_key, self.events, "" if expected is None else str(expected), start, *_fields(pair)]
+        result = await self._call(lambda r: r.eval(redis_scripts.COMPARE_AND_SET, 2, *keys_and_args))
+        if str(result) == "-1":
+            raise StoreConflict(f"token store {self.description} changed since it was read")
+        self._heard = str(result)
+        return str(result)
+
+    async def clear(self) -> bool:
+        had = await self._call(lambda r: r.eval(redis_scripts.CLEAR, 2, self.pair_key, self.events))
+        self._heard = None
+        return bool(had)
+
+    @contextlib.asynccontextmanager
+    async def refresh_lock(self, timeout: float) -> AsyncIterator[None]:
+        holder = secrets.token_hex(16)
+        await self._acquire(holder, timeout)
+        watchdog = asyncio.get_running_loop().create_task(self._renew_while_held(holder))
+        try:
+            yield
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            try:
+                await self._call(lambda r: r.eval(redis_scripts.RELEASE, 2, self.lock_key, self.events, holder))
+            except StoreError as exc:
+                log.warning("%s (the lock expires by itself)", exc)
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._client is not None and self._client_loop is asyncio.get_running_loop():
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+        self._client = None
+
+    # -- the lock ----------------------------------------------------------
+
+    def _lock_value(self, holder: str) -> str:
+        return f"{holder} {int(time.time() * 1000) + self._lock_ttl_ms}"
+
+    async def _acquire(self, holder: str, timeout: float) -> None:
+        give_up = time.monotonic() + timeout
+        self._listen()
+        while True:
+            pulse = self._pulse
+            taken = await self._call(
+                lambda r: r.eval(
+                    redis_scripts.ACQUIRE, 1, self.lock_key, self._lock_value(holder), str(self._lock_ttl_ms)
+                )
+            )
+            if int(taken) == 1:
+                return
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise StoreLockTimeout(f"the refresh lock of {self.description} was held for more than {timeout:g} s")
+            value = await self._call(lambda r: r.get(self.lock_key))
+            # Follow the holder's published deadline; an 'unlocked' event wakes us sooner.
+            until_deadline = _deadline_of(value) - time.time() if value else 0.0
+            wait = min(left, max(until_deadline, 0.005), 1.0 if not self._listening else left)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pulse.wait(), wait)
+
+    async def _renew_while_held(self, holder: str) -> None:
+        interval = self._lock_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                kept = await self._call(
+                    lambda r: r.eval(
+                        redis_scripts.RENEW, 1, self.lock_key, holder, self._lock_value(holder), str(self._lock_ttl_ms)
+                    )
+                )
+            except StoreError as exc:
+                log.warning("cannot renew the refresh lock: %s", exc)
+                continue
+            if not int(kept):
+                log.warning("the refresh lock of %s was lost; the generation check guards the write", self.description)
+                return
+
+    # -- the events subscription ----------------------------------------
+
+    def _listen(self) -> None:
+        client = self._connection()
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._follow_events(client))
+
+    async def _follow_events(self, client: Any) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.events)
+                # What was written before the subscription took hold.
+                self._heard = await client.hget(self.pair_key, "generation")
+                self._listening = True
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None:
+                        continue
+                    data = message.get("data")
+                    if data == "cleared":
+                        self._heard = None
+                    elif isinstance(data, str) and data.isdigit():
+                        self._heard = data
+                    pulse, self._pulse = self._pulse, asyncio.Event()
+                    pulse.set()
+            except (self._redis.exceptions.RedisError, OSError) as exc:
+                if self._listening:
+                    log.warning(
+                        "token store %s: events subscription lost (%s); polling", self.description, _reason(exc)
+                    )
+                self._listening = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+
+def _deadline_of(value: str) -> float:
+    """The holder's deadline in seconds since the epoch, from ``HOLDER DEADLINE_MS``."""
+    try:
+        return int(value.split()[1]) / 1000
+    except (IndexError, ValueError):
+        return 0.0

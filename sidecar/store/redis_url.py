@@ -1,0 +1,66 @@
+"""Redis store URLs: ``redis://``, ``rediss://`` and ``unix://``, with ``?key=NAME``; the password never shown."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from yarl import URL
+
+from sidecar.errors import ConfigError
+
+SCHEMES = ("redis", "rediss", "unix")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RedisLocation:
+    """Where one login lives: the server's URL (``key`` removed), the login's name, and a printable form."""
+
+    url: str = dataclasses.field(repr=False)
+    name: str
+    shown: str
+
+
+def is_redis_url(text: str) -> bool:
+    return text.split("://", 1)[0].lower() in SCHEMES and "://" in text
+
+
+def masked(text: str) -> str:
+    """``text`` with its password (if any) as ``***``."""
+    try:
+        url = URL(text)
+    except (ValueError, TypeError):
+        return "a Redis URL that does not parse"
+    return str(url.with_password("***")) if url.password is not None else str(url)
+
+
+def parse_redis_url(text: str) -> RedisLocation:
+    """The location ``text`` names; ConfigError (password masked) when it is malformed."""
+    shown = masked(text)
+    try:
+        url = URL(text)
+        port = url.port
+    except (ValueError, TypeError):
+        raise ConfigError("store: not a valid Redis URL (check the port and the characters in the password)") from None
+    scheme = url.scheme.lower()
+    if scheme not in SCHEMES:
+        raise ConfigError(f"store: unknown Redis URL scheme {url.scheme!r} (use redis://, rediss:// or unix://)")
+    if scheme == "unix":
+        if not url.path or url.path == "/":
+            raise ConfigError(f"store: {shown} names no socket path")
+    else:
+        if not url.host:
+            raise ConfigError(f"store: {shown} names no host")
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"store: {shown} has no valid port")
+        database = url.path.strip("/")
+        if database and not database.isdigit():
+            raise ConfigError(f"store: {shown}: the path must be a database number")
+    name = url.query.get("key", "default")
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"store: {shown}: key must be 1-64 letters, digits, '_', '.' or '-'")
+    plain = str(url.without_query_params("key") if "key" in url.query else url)
+    if scheme == "unix":
+        plain = "unix://" + url.path  # yarl writes unix:/path; redis-py wants unix:///path
+    return RedisLocation(plain, name, masked(plain) + ("" if name == "default" else f" (login {name})"))

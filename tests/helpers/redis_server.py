@@ -1,0 +1,81 @@
+"""A real redis-server on a free loopback port, in a temp dir, stopped by PID."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One redis-server process; ``stop``/``start`` keep its port, ``flush`` forgets its data."""
+
+    def __init__(self, directory: Path, password: str | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: apt-get install -y redis-server (.ci/run installs it)")
+        self.binary = binary
+        self.directory = directory
+        self.password = password
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, key: str | None = None, *, password: str | None = None) -> str:
+        secret = password if password is not None else self.password
+        auth = f":{secret}@" if secret else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0" + (f"?key={key}" if key else "")
+
+    def start(self) -> None:
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    answer = sock.recv(64)
+                    if answer.startswith((b"+PONG", b"-NOAUTH")):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        pytest.fail("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def command(self, *words: str) -> bytes:
+        """Send one inline command with a plain socket; the raw answer."""
+        with socket.create_connection(("127.0.0.1", self.port), 2) as sock:
+            if self.password:
+                sock.sendall(f"AUTH {self.password}\r\n".encode())
+                sock.recv(64)
+            sock.sendall((" ".join(words) + "\r\n").encode())
+            return sock.recv(65536)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
