@@ -121,6 +121,8 @@ async def through_proxy(
                 f"the egress proxy {route.url} refused the tunnel to {authority(host, port).decode()}"
                 f" (HTTP {status}{_phrase(status)})"
             )
+        if answer.trailing:
+            raise ProxyFailed("the egress proxy sent data after its answer to CONNECT")
         protocol = factory()
         secure = await loop.start_tls(transport, protocol, tls, server_hostname=host)
     except BaseException:
@@ -167,14 +169,14 @@ class _ConnectAnswer(asyncio.Protocol):
         self.head: asyncio.Future[bytes] = loop.create_future()
         self._buffer = bytearray()
         self._transport: asyncio.BaseTransport | None = None
+        self.trailing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self.head.done():
-            # A TLS server speaks only after the client's hello: bytes now are not ours to read.
-            self._fail("the egress proxy sent data after its answer to CONNECT")
+            self._after_head()
             return
         buffer = self._buffer
         buffer += data
@@ -183,10 +185,16 @@ class _ConnectAnswer(asyncio.Protocol):
         if len(head) > MAX_HEAD or any(len(line) > MAX_LINE for line in head.split(b"\n")):
             self._fail("the egress proxy's answer to CONNECT is over the size limit")
         elif end is not None:
+            self.head.set_result(head)
             if end.end() < len(buffer):
-                self._fail("the egress proxy sent data after its answer to CONNECT")
-            else:
-                self.head.set_result(head)
+                self._after_head()
+
+    def _after_head(self) -> None:
+        # After a 2xx a TLS server speaks only once it has the client's hello, so
+        # bytes now are not the upstream's; after a refusal they are its error page.
+        self.trailing = True
+        if self._transport is not None:
+            self._transport.close()
 
     def eof_received(self) -> bool:
         return False
