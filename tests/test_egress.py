@@ -10,6 +10,7 @@ SSL_CERT_FILE, which OpenSSL reads whenever a default context is made.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,9 +19,27 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import FakeClock, ProxyFactory, RunningProxy, serving
+from conftest import (
+    TIMEOUT,
+    FakeClock,
+    ProxyFactory,
+    Run,
+    RunningProxy,
+    assert_one_line_failure,
+    finish,
+    free_port,
+    kill_running,
+    read_lines_until,
+    run_sidecar,
+    seed_expired,
+    seed_store,
+    serving,
+    start_sidecar,
+    stored,
+)
 from helpers.certs import PrivateCA, make_ca
 from helpers.forward_proxy import ForwardProxy, running_tinyproxy
+from helpers.serving import running_serve
 
 from sidecar.egress.proxies import parse_proxy
 from sidecar.egress.tunnel import ProxyFailed
@@ -130,8 +149,6 @@ async def cloud(clock: FakeClock) -> AsyncIterator[WatchedCloud]:
 @pytest.fixture
 async def forward_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     """Start tinyproxies (``auth=(user, password)``, ``connect_ports=...``); all are stopped at teardown."""
-    import contextlib
-
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(**options: Any) -> ForwardProxy:
@@ -304,8 +321,6 @@ async def test_refused_tunnel_is_a_502_naming_the_proxys_status(
 
 async def test_pool_names_a_proxy_it_cannot_reach(tls_upstream: TlsUpstream) -> None:
     """A proxy nobody listens on is ProxyFailed naming the proxy (without credentials), not the upstream."""
-    from conftest import free_port
-
     pool = UpstreamPool(
         "https",
         "127.0.0.1",
@@ -355,8 +370,6 @@ async def test_no_proxy_bypasses_the_proxy_for_requests_and_refresh(
     setting: str | None,
 ) -> None:
     """NO_PROXY=127.0.0.1 sends requests and refreshes straight to the upstream, whether the proxy came from the environment or the setting, and no Proxy-Authorization goes with them."""
-    from conftest import seed_expired
-
     tinyproxy = await forward_proxy(auth=(USER, PASSWORD))
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
     if setting is None:
@@ -395,8 +408,6 @@ async def test_refresh_goes_through_the_proxy(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An expired token is refreshed through the authenticating proxy; the cloud never sees Proxy-Authorization, no log the password."""
-    from conftest import seed_expired
-
     tinyproxy = await forward_proxy(auth=(USER, PASSWORD))
     seed_expired(store_path, cloud)
     proxy = await make_proxy(proxy=with_credentials(tinyproxy), log_level="debug")
@@ -448,3 +459,131 @@ async def test_websocket_to_an_http_upstream_goes_to_the_proxy_in_absolute_form(
     ) as response:
         await response.read()
     assert await tinyproxy.requests() == [f"GET {cloud.base_url}/api/v1/ws HTTP/1.1"]
+
+
+# -- the commands, as real subprocesses ----------------------------------------------
+
+
+def child(env: dict[str, str], **extra: str) -> dict[str, str]:
+    """``env`` (conftest's clean child environment) without inherited proxy variables, plus ``extra``."""
+    return {**{name: value for name, value in env.items() if name not in PROXY_VARIABLES}, **extra}
+
+
+def assert_no_password(run: Run) -> None:
+    for text in (PASSWORD, PASSWORD_IN_URL):
+        assert text not in run.out + run.err
+
+
+async def test_token_refreshes_through_the_environment_proxy(
+    forward_proxy: StartProxy, cloud: WatchedCloud, store_path: Path, env: dict[str, str]
+) -> None:
+    """``sidecar token`` with HTTP_PROXY (credentials in it) refreshes through the proxy; the cloud never sees them, the output never shows them."""
+    tinyproxy = await forward_proxy(auth=(USER, PASSWORD))
+    seed_expired(store_path, cloud)
+    run = await run_sidecar(child(env, HTTP_PROXY=with_credentials(tinyproxy)), "token", "--store", str(store_path))
+    assert run.code == 0, run
+    assert cloud.refresh_ok == 1
+    assert await tinyproxy.requests() == [f"POST {cloud.base_url}/api/v1/auth/token/refresh HTTP/1.1"]
+    assert cloud.proxy_authorizations == []
+    assert_no_password(run)
+
+
+async def test_status_asks_whoami_through_the_proxy_flag(
+    forward_proxy: StartProxy, cloud: WatchedCloud, store_path: Path, env: dict[str, str]
+) -> None:
+    """``sidecar status --proxy URL`` calls whoami through that proxy and shows the user, never the password."""
+    tinyproxy = await forward_proxy(auth=(USER, PASSWORD))
+    seed_store(store_path, cloud)
+    run = await run_sidecar(child(env), "status", "--proxy", with_credentials(tinyproxy), "--store", str(store_path))
+    assert run.code == 0, run
+    assert "alice" in run.out
+    assert await tinyproxy.requests() == [f"GET {cloud.base_url}/api/v1/auth/whoami HTTP/1.1"]
+    assert cloud.proxy_authorizations == []
+    assert_no_password(run)
+
+
+async def test_commands_honour_no_proxy(
+    forward_proxy: StartProxy, cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
+    """With NO_PROXY naming the cloud's host, ``token --force-refresh`` and ``status`` go straight to it."""
+    tinyproxy = await forward_proxy()
+    seed_store(store_path, cloud)
+    variables = child(env, HTTP_PROXY=tinyproxy.url, NO_PROXY="127.0.0.1")
+    for args in (("token", "--force-refresh"), ("status",)):
+        run = await run_sidecar(variables, *args, "--store", str(store_path))
+        assert run.code == 0, run
+    assert cloud.refresh_ok == 1
+    assert await tinyproxy.requests() == []
+
+
+async def test_empty_sidecar_proxy_turns_the_environment_proxy_off(
+    forward_proxy: StartProxy, cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
+    """SIDECAR_PROXY="" makes ``status`` ignore HTTP_PROXY."""
+    tinyproxy = await forward_proxy()
+    seed_store(store_path, cloud)
+    run = await run_sidecar(
+        child(env, HTTP_PROXY=tinyproxy.url, SIDECAR_PROXY=""), "status", "--store", str(store_path)
+    )
+    assert run.code == 0, run
+    assert await tinyproxy.requests() == []
+
+
+async def test_unusable_proxy_variable_is_a_configuration_error(
+    cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
+    """A SOCKS URL in HTTPS_PROXY stops ``token`` with exit 2 and one line naming the variable, not its password."""
+    seed_store(store_path, cloud)
+    run = await run_sidecar(
+        child(env, HTTPS_PROXY=f"socks5://{USER}:{PASSWORD}@127.0.0.1:1080"), "token", "--store", str(store_path)
+    )
+    assert_one_line_failure(run, 2)
+    assert "HTTPS_PROXY" in run.err
+    assert_no_password(run)
+
+
+async def test_poll_login_polls_through_the_proxy(
+    forward_proxy: StartProxy, cloud: MockCloud, store_path: Path, env: dict[str, str]
+) -> None:
+    """``login --flow poll`` polls the cloud through HTTP_PROXY until the code is approved."""
+    tinyproxy = await forward_proxy()
+    process = await start_sidecar(
+        child(env, HTTP_PROXY=tinyproxy.url),
+        *("login", "--flow", "poll", "--no-browser", "--upstream", cloud.base_url, "--store", str(store_path)),
+    )
+    try:
+        seen = await read_lines_until(process.stderr, "/cli-login?code=", TIMEOUT, "stderr")
+        device_url = next(word for word in seen[-1].split() if "/cli-login?code=" in word)
+        async with aiohttp.ClientSession() as browser, browser.get(device_url) as response:
+            assert response.status == 200
+        run = await finish(process, "".join(seen))
+    finally:
+        await kill_running([process])
+    assert run.code == 0, run
+    code = device_url.rpartition("code=")[2]
+    polls = await tinyproxy.requests()
+    assert polls and set(polls) == {f"GET {cloud.base_url}/api/v1/auth/cli-login/poll?code={code} HTTP/1.1"}
+    assert stored(store_path).api_url == cloud.base_url
+
+
+async def test_serve_tunnels_to_an_https_upstream_and_logs_no_password(
+    forward_proxy: StartProxy,
+    cloud: MockCloud,
+    tls_upstream: TlsUpstream,
+    private_ca: PrivateCA,
+    store_path: Path,
+    env: dict[str, str],
+    listen: str,
+) -> None:
+    """``sidecar serve`` (uvloop's start_tls) forwards to an https upstream through an authenticating proxy; its debug log never has the password."""
+    tinyproxy = await forward_proxy(auth=(USER, PASSWORD), connect_ports=(tls_upstream.port,))
+    seed_store(store_path, cloud)
+    variables = child(env, SSL_CERT_FILE=str(private_ca.pem), SIDECAR_PROXY=with_credentials(tinyproxy))
+    args = ("--upstream", tls_upstream.url, "--store", str(store_path), "--log-level", "debug", "--log-format", "json")
+    async with running_serve(variables, listen, *args) as served:
+        async with served.session() as session, session.get(served.base_url + "/api/v1/echo") as response:
+            assert response.status == 200, await response.text()
+        assert await served.stop() == 0
+    assert await tinyproxy.requests() == [f"CONNECT 127.0.0.1:{tls_upstream.port} HTTP/1.1"]
+    assert "Proxy-Authorization" not in tls_upstream.seen[-1]
+    assert PASSWORD not in served.stderr + served.stdout and PASSWORD_IN_URL not in served.stderr + served.stdout
