@@ -38,7 +38,7 @@ from conftest import (
     stored,
 )
 from helpers.certs import PrivateCA, make_ca
-from helpers.forward_proxy import ForwardProxy, running_tinyproxy
+from helpers.forward_proxy import ForwardProxy, running_tinyproxy, tls_front
 from helpers.serving import running_serve
 
 from sidecar.egress.proxies import parse_proxy
@@ -338,6 +338,34 @@ async def test_pool_names_a_proxy_it_cannot_reach(tls_upstream: TlsUpstream) -> 
     finally:
         pool.close()
     assert PASSWORD_IN_URL not in str(caught.value) and USER not in str(caught.value)
+
+
+async def test_https_proxy_is_spoken_to_over_tls(
+    forward_proxy: StartProxy, tls_upstream: TlsUpstream, private_ca: PrivateCA, cloud: MockCloud
+) -> None:
+    """An ``https://`` proxy gets TLS first: a CONNECT tunnel then runs TLS inside TLS, and absolute-form requests go over it."""
+    tinyproxy = await forward_proxy(auth=(USER, PASSWORD))
+    client_tls = tls_upstream.client_context()
+    async with tls_front(tinyproxy.port, private_ca.server_context()) as port:
+        route = parse_proxy(f"https://{USER}:{PASSWORD_IN_URL}@127.0.0.1:{port}", "proxy")
+        statuses = []
+        for scheme, upstream_port in (("https", tls_upstream.port), ("http", int(cloud.base_url.rpartition(":")[2]))):
+            pool = UpstreamPool(
+                scheme, "127.0.0.1", upstream_port, connect_timeout=5.0, read_timeout=5.0, tls=client_tls, proxy=route
+            )
+            try:
+                head = b"GET /api/v1/echo HTTP/1.1\r\nHost: %s\r\n\r\n" % pool.host_header
+                response = await pool.send(head, None, chunked=False, head_only=False)
+                await response.read_all(5.0)
+                response.release()
+                statuses.append(response.status)
+            finally:
+                pool.close()
+    assert statuses == [200, 401]  # the mock cloud's echo wants a bearer token; it was reached all the same
+    assert await tinyproxy.requests() == [
+        f"CONNECT 127.0.0.1:{tls_upstream.port} HTTP/1.1",
+        f"GET {cloud.base_url}/api/v1/echo HTTP/1.1",
+    ]
 
 
 # -- which requests go through it --------------------------------------------------

@@ -142,7 +142,7 @@ async def _open(
     proxy_tls: ssl.SSLContext | None,
 ) -> tuple[asyncio.Transport, asyncio.Protocol]:
     """A connection to the proxy itself (TLS to it for an https:// proxy)."""
-    context = proxy_tls if route.tls else None
+    context = (proxy_tls or ssl.create_default_context()) if route.tls else None
     try:
         return await loop.create_connection(
             factory, route.host, route.port, ssl=context, server_hostname=route.host if context else None
