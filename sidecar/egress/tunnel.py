@@ -121,6 +121,8 @@ async def through_proxy(
                 f"the egress proxy {route.url} refused the tunnel to {authority(host, port).decode()}"
                 f" (HTTP {status}{_phrase(status)})"
             )
+        if answer.trailing:
+            raise ProxyFailed("the egress proxy sent data after its answer to CONNECT")
         protocol = factory()
         secure = await loop.start_tls(transport, protocol, tls, server_hostname=host)
     except BaseException:
@@ -140,7 +142,7 @@ async def _open(
     proxy_tls: ssl.SSLContext | None,
 ) -> tuple[asyncio.Transport, asyncio.Protocol]:
     """A connection to the proxy itself (TLS to it for an https:// proxy)."""
-    context = proxy_tls if route.tls else None
+    context = (proxy_tls or ssl.create_default_context()) if route.tls else None
     try:
         return await loop.create_connection(
             factory, route.host, route.port, ssl=context, server_hostname=route.host if context else None
@@ -167,16 +169,14 @@ class _ConnectAnswer(asyncio.Protocol):
         self.head: asyncio.Future[bytes] = loop.create_future()
         self._buffer = bytearray()
         self._transport: asyncio.BaseTransport | None = None
-        self._refused = False  # the answer was not 2xx: its body (a 407 page) is read and dropped
+        self.trailing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self.head.done():
-            if not self._refused:
-                # A TLS server speaks only after the client's hello: bytes now are not ours to read.
-                self._fail("the egress proxy sent data after its answer to CONNECT")
+            self._after_head()
             return
         buffer = self._buffer
         buffer += data
@@ -185,11 +185,16 @@ class _ConnectAnswer(asyncio.Protocol):
         if len(head) > MAX_HEAD or any(len(line) > MAX_LINE for line in head.split(b"\n")):
             self._fail("the egress proxy's answer to CONNECT is over the size limit")
         elif end is not None:
-            self._refused = not head.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2"))
-            if end.end() < len(buffer) and not self._refused:
-                self._fail("the egress proxy sent data after its answer to CONNECT")
-            else:
-                self.head.set_result(head)
+            self.head.set_result(head)
+            if end.end() < len(buffer):
+                self._after_head()
+
+    def _after_head(self) -> None:
+        # After a 2xx a TLS server speaks only once it has the client's hello, so
+        # bytes now are not the upstream's; after a refusal they are its error page.
+        self.trailing = True
+        if self._transport is not None:
+            self._transport.close()
 
     def eof_received(self) -> bool:
         return False

@@ -17,9 +17,11 @@ import contextlib
 import itertools
 import re
 import shutil
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import TIMEOUT, free_port
@@ -77,7 +79,7 @@ class ForwardProxy:
     async def requests(self) -> list[str]:
         """Every request line tinyproxy has logged up to now (markers left out), e.g. ``CONNECT 127.0.0.1:443 HTTP/1.1``."""
         marker = f"{_MARKER}{next(_markers)}"
-        _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        _, writer = await asyncio.open_connection("127.0.0.1", self.port)
         try:
             writer.write(f"GET http://127.0.0.1:1{marker} HTTP/1.0\r\nHost: 127.0.0.1:1\r\n\r\n".encode())
             await writer.drain()
@@ -163,3 +165,32 @@ async def running_tinyproxy(
         yield proxy
     finally:
         await proxy.stop()
+
+
+@contextlib.asynccontextmanager
+async def tls_front(port: int, context: ssl.SSLContext) -> AsyncIterator[int]:
+    """A TLS listener on loopback relaying bytes to ``127.0.0.1:port``: tinyproxy as an ``https://`` proxy; yields its port."""
+    relays: set[asyncio.Future[Any]] = set()
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        inner_reader, inner_writer = await asyncio.open_connection("127.0.0.1", port)
+        both = asyncio.gather(pipe(reader, inner_writer), pipe(inner_reader, writer), return_exceptions=True)
+        relays.add(both)
+        await both
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for both in relays:
+            both.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
