@@ -111,10 +111,16 @@ class RedisStore:
         self._listening = False
         self._heard: Version | None = None  # the generation the events last announced
         self._pulse = asyncio.Event()
+        self._closing = False
 
     @property
     def description(self) -> str:
         return self._location.shown
+
+    @property
+    def following_events(self) -> bool:
+        """The events subscription is up: ``changed_since`` needs no round trip."""
+        return self._listening
 
     # -- Redis calls --------------------------------------------------------
 
@@ -190,11 +196,15 @@ class RedisStore:
             except StoreError as exc:
                 log.warning("%s (the lock expires by itself)", exc)
 
+    def _stopping(self) -> bool:
+        return self._closing
+
     async def aclose(self) -> None:
+        self._closing = True
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            # redis-py's pubsub can swallow one cancellation in its read: do not wait forever.
+            await asyncio.wait([self._listener], timeout=1.0)
         if self._client is not None and self._client_loop is asyncio.get_running_loop():
             with contextlib.suppress(Exception):
                 await self._client.aclose()
@@ -253,7 +263,7 @@ class RedisStore:
 
     async def _follow_events(self, client: Any) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping():
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self.events)
@@ -261,7 +271,7 @@ class RedisStore:
                 self._heard = await client.hget(self.pair_key, "generation")
                 self._listening = True
                 backoff = 0.1
-                while True:
+                while not self._stopping():
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None:
                         continue
@@ -273,6 +283,8 @@ class RedisStore:
                     pulse, self._pulse = self._pulse, asyncio.Event()
                     pulse.set()
             except (self._redis.exceptions.RedisError, OSError) as exc:
+                if self._stopping():
+                    return
                 if self._listening:
                     log.warning(
                         "token store %s: events subscription lost (%s); polling", self.description, _reason(exc)

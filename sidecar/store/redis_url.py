@@ -61,6 +61,7 @@ def parse_redis_url(text: str) -> RedisLocation:
     if not _NAME.fullmatch(name):
         raise ConfigError(f"store: {shown}: key must be 1-64 letters, digits, '_', '.' or '-'")
     plain = str(url.without_query_params("key") if "key" in url.query else url)
+    shown = masked(plain)
     if scheme == "unix":
-        plain = "unix://" + url.path  # yarl writes unix:/path; redis-py wants unix:///path
-    return RedisLocation(plain, name, masked(plain) + ("" if name == "default" else f" (login {name})"))
+        plain = shown = "unix://" + url.path  # yarl writes unix:/path; redis-py wants unix:///path
+    return RedisLocation(plain, name, shown + ("" if name == "default" else f" (login {name})"))

@@ -62,13 +62,21 @@ class RedisServer:
         self.process = None
 
     def command(self, *words: str) -> bytes:
-        """Send one inline command with a plain socket; the raw answer."""
+        """Send one command (RESP, so words may hold spaces) with a plain socket; the raw answer."""
         with socket.create_connection(("127.0.0.1", self.port), 2) as sock:
             if self.password:
-                sock.sendall(f"AUTH {self.password}\r\n".encode())
+                sock.sendall(_resp("AUTH", self.password))
                 sock.recv(64)
-            sock.sendall((" ".join(words) + "\r\n").encode())
+            sock.sendall(_resp(*words))
             return sock.recv(65536)
+
+
+def _resp(*words: str) -> bytes:
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 @pytest.fixture
