@@ -8,6 +8,7 @@ TTL, a Redis that goes away and comes back empty.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -15,8 +16,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import child_env, pair_from_cloud, run_sidecar, start_sidecar
+from conftest import child_env, free_port, pair_from_cloud, run_sidecar, start_sidecar
 from helpers.redis_server import RedisServer, redis_server
+from helpers.serving import running_serve, status_of
 
 from sidecar.errors import ConfigError, StoreConflict, StoreError, StoreLockTimeout
 from sidecar.mockcloud import MockCloud
@@ -297,3 +299,36 @@ async def test_concurrent_token_commands_on_one_expired_redis_login_refresh_once
     assert all(process.returncode == 0 for process in processes), [err for _, err in results]
     assert cloud.refresh_calls == 1
     assert len({out for out, _ in results}) == 1
+
+
+# -- several serves, one login --------------------------------------------------
+
+
+async def test_four_serves_on_one_expired_redis_login_refresh_once_for_200_requests(
+    cloud: MockCloud, redis_server: RedisServer, stores: list[RedisStore], tmp_path: Path
+) -> None:
+    """Exactly one refresh call at the cloud, no reuse detection, all 200 — and a forced rotation reaches every serve."""
+    store = open_on(redis_server, stores)
+    expired = dataclasses.replace(pair_from_cloud(cloud.issue_pair(), cloud.base_url), expires_at=time.time() - 10)
+    await write_pair(store, lambda _: expired)
+    env = child_env(tmp_path / "xdg", SIDECAR_STORE=redis_server.url(), SIDECAR_LOG_LEVEL="warning")
+    async with contextlib.AsyncExitStack() as stack:
+        served = [await stack.enter_async_context(running_serve(env, f"127.0.0.1:{free_port()}")) for _ in range(4)]
+        sessions = [await stack.enter_async_context(one.session()) for one in served]
+        statuses = await asyncio.gather(*(status_of(served[i % 4], sessions[i % 4]) for i in range(200)))
+        assert statuses == [200] * 200
+        assert cloud.refresh_calls == 1
+        assert cloud.chain_revocations == 0
+        rotated = await run_sidecar(env, "token", "--force-refresh")
+        assert rotated.code == 0, rotated.err
+        new_token = rotated.out.strip()
+        # Every serve adopts the new pair (events, else the once-a-second look) and uses it.
+        for one, session in zip(served, sessions, strict=True):
+            for _ in range(100):
+                async with session.get(one.base_url + "/api/v1/echo") as response:
+                    answer = await response.json()
+                if answer["authorization"] == f"Bearer {new_token}":
+                    break
+                await asyncio.sleep(0.02)
+            assert answer["authorization"] == f"Bearer {new_token}"
+        assert cloud.refresh_calls == 2
