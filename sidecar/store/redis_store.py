@@ -197,7 +197,10 @@ class RedisStore:
                 log.warning("%s (the lock expires by itself)", exc)
 
     def _stopping(self) -> bool:
-        return self._closing
+        # redis-py's pubsub read can swallow a cancellation (asyncio.run's at
+        # exit, aclose's): the task's own cancel count still says stop.
+        task = asyncio.current_task()
+        return self._closing or (task is not None and task.cancelling() > 0)
 
     async def aclose(self) -> None:
         self._closing = True
