@@ -14,7 +14,7 @@ import pytest
 from conftest import FakeClock
 
 from sidecar.callers import peer
-from sidecar.callers.gate import Caller, RefusalLog
+from sidecar.callers.gate import Caller, RefusalLog, describe_line, describe_policy
 from sidecar.callers.keys import (
     KEY_SUFFIX,
     SECRET_FILE_VARIABLE,
@@ -441,3 +441,35 @@ def test_ensure_keeps_a_key_another_process_made_first(tmp_path: Path) -> None:
     assert late.ensure() == theirs
     assert KeyFile(tmp_path / "k").read() == theirs
     assert [path.name for path in tmp_path.iterdir()] == ["k"]
+
+
+def test_the_key_files_missing_directories_are_made_0700(tmp_path: Path) -> None:
+    """A first key for a store not yet made creates its directories 0700, as the store would."""
+    file = KeyFile(tmp_path / "a" / "b" / "tokens.json.client-key")
+    file.ensure()
+    for directory in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+
+
+# -- what status says --------------------------------------------------------------------------
+
+
+def test_status_says_which_check_is_in_force() -> None:
+    """unix-peercred for a socket, the TCP lookup's name, ``none`` where uids cannot be found, ``off`` for ``any``."""
+    allowed = resolve("alice")
+    lookup = peer.ProcNet()
+    assert describe_policy(allowed, "off", lookup, "unix:/run/s.sock", None)["peerCheck"] == peer.UNIX_PEERCRED
+    assert describe_policy(allowed, "off", lookup, "127.0.0.1:8787", None)["peerCheck"] == peer.TCP_PROC_NET
+    nowhere = describe_policy(allowed, "off", None, "127.0.0.1:8787", None)
+    assert nowhere["peerCheck"] == peer.NO_CHECK
+    assert "every connection is refused" in describe_line(nowhere)
+    assert describe_policy(resolve("any"), "required", lookup, "127.0.0.1:8787", None)["peerCheck"] == "off"
+
+
+def test_status_names_the_key_file_only_when_keys_are_on(tmp_path: Path) -> None:
+    """The key file's path (never its content) appears when client_key is optional or required."""
+    file = KeyFile(tmp_path / "k")
+    key = file.ensure().decode()
+    on = describe_policy(resolve(), "required", None, "127.0.0.1:1", file)
+    assert on["clientKeyFile"] == str(file.path) and key not in repr(on) + describe_line(on)
+    assert describe_policy(resolve(), "off", None, "127.0.0.1:1", file)["clientKeyFile"] is None

@@ -166,6 +166,12 @@ class CallerGate:
             self.key_mode, _header_values(raw_headers, _SIDECAR_KEY), _header_values(raw_headers, _AUTHORIZATION), key
         )
 
+    def close(self) -> None:
+        """Release the TCP lookup's netlink socket, if it has one."""
+        close = getattr(self._tcp, "close", None)
+        if close is not None:
+            close()
+
     # -- status --------------------------------------------------------------------
 
     def describe(self, listen: str) -> dict[str, Any]:
@@ -200,7 +206,10 @@ def describe_line(policy: Mapping[str, Any]) -> str:
         uids = ", ".join(str(uid) for uid in policy["allowedUids"])
         who = f"uid {uids} (allow_users = {', '.join(policy['allowUsers'])}), checked by {policy['peerCheck']}"
         if policy["peerCheck"] == peer.NO_CHECK:
-            who += ": no way to find callers' uids here, so every connection is refused"
+            who += (
+                ": no way to find callers' uids here, so every connection is refused"
+                " (listen on a unix socket, or set allow_users = any with client_key = required)"
+            )
     key = f"client key {policy['clientKey']}"
     if policy["clientKeyFile"]:
         key += f" ({policy['clientKeyFile']})"

@@ -139,8 +139,7 @@ class KeyFile:
         """Write ``key`` to a 0600 temp file beside the target, fsync it, then rename (or link, to never replace) it into place."""
         directory = self.path.parent
         try:
-            if not directory.exists():
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_directories(directory)
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
         except OSError as exc:
             raise KeyFileError(f"cannot write client key file {self.path}: {exc.strerror}") from None
@@ -165,6 +164,20 @@ class KeyFile:
                 temp.unlink()
             except OSError:
                 pass
+
+
+def _make_directories(directory: Path) -> None:
+    """Create ``directory`` and its missing parents with mode 0700, as the store does; existing ones stay as they are."""
+    missing: list[Path] = []
+    while not directory.exists() and directory.parent != directory:
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+            os.chmod(path, 0o700)  # mkdir's mode is cut by the umask
+        except FileExistsError:
+            pass
 
 
 def key_file(store: str, env: Mapping[str, str]) -> KeyFile:

@@ -265,8 +265,9 @@ class SockDiag:
     def _netlink(self) -> socket.socket:
         if self._socket is None:
             netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
-            # The kernel answers during send(); the timeout only bounds a kernel that does not.
-            netlink.settimeout(1.0)
+            # The kernel answers during send(); the timeout only bounds a kernel that does not
+            # (the call blocks the event loop, so it is short).
+            netlink.settimeout(0.2)
             self._socket = netlink
         return self._socket
 

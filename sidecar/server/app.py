@@ -123,6 +123,8 @@ async def running_sidecar(
         yield Sidecar(manager, server, proxy, gate)
     finally:
         proxy.close()
+        if callers is None:
+            gate.close()  # ours; a test's gate is the test's
         if background is not None:
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):

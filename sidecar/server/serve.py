@@ -17,6 +17,7 @@ from aiohttp import web
 
 from sidecar.auth.imported import seed_from_env
 from sidecar.callers.gate import check_settings, describe_line
+from sidecar.callers.peer import NO_CHECK
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound
 from sidecar.server.app import Sidecar, running_sidecar
@@ -61,7 +62,10 @@ async def serve(
             url = await open_site(runner, address, reuse_port=reuse_port)
             log.info("listening on %s, forwarding to %s", url, settings.upstream or "the store's apiUrl")
             if sidecar.callers is not None:
-                log.info("callers: %s", describe_line(sidecar.callers.describe(str(address))))
+                policy = sidecar.callers.describe(str(address))
+                # No way to find callers' uids here: say so loudly, every connection will be refused.
+                level = logging.WARNING if policy["peerCheck"] == NO_CHECK else logging.INFO
+                log.log(level, "callers: %s", describe_line(policy))
             if sidecar.manager.pair is None:
                 log.warning(
                     "%s: requests get %d until a login lands in %s",
