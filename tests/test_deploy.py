@@ -156,6 +156,32 @@ def test_compose_example_parses_and_wires_cloud_sidecar_and_client() -> None:
     assert "http://sidecar:8787/" in " ".join(services["client"]["command"])
 
 
+def test_compose_example_checks_the_client_key_not_uids() -> None:
+    """Across containers no uid can be seen: compose allows any uid, requires the key, and both sides read it from one secret."""
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    sidecar, client = compose["services"]["sidecar"], compose["services"]["client"]
+    environment = sidecar["environment"]
+    assert environment["SIDECAR_ALLOW_USERS"] == "any"
+    assert environment["SIDECAR_CLIENT_KEY"] == "required"
+    [secret] = sidecar["secrets"]
+    assert client["secrets"] == [secret]
+    assert environment["SIDECAR_CLIENT_KEY_SECRET_FILE"] == f"/run/secrets/{secret}"
+    assert f"X-Sidecar-Key: $$(cat /run/secrets/{secret})" in " ".join(client["command"])
+    assert (ROOT / "docker" / compose["secrets"][secret]["file"]).is_file()
+
+
+def test_kubernetes_example_lets_only_the_apps_uid_in() -> None:
+    """In a pod the uids can be seen: the app runs as a fixed uid and allow_users names exactly it."""
+    documents = list(yaml.safe_load_all((ROOT / "docker" / "kubernetes.yaml").read_text()))
+    [deployment] = [document for document in documents if document["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    [sidecar] = pod["initContainers"]
+    [app] = pod["containers"]
+    environment = {item["name"]: item.get("value") for item in sidecar["env"]}
+    assert environment["SIDECAR_ALLOW_USERS"] == str(app["securityContext"]["runAsUser"])
+    assert environment.get("SIDECAR_CLIENT_KEY") in (None, "off")
+
+
 def test_kubernetes_example_is_a_native_sidecar_with_readiness_and_persistent_store() -> None:
     """kubernetes.yaml runs sidecar as an init container with restartPolicy Always, ready on /_sidecar/ready, store on a PVC."""
     documents = list(yaml.safe_load_all((ROOT / "docker" / "kubernetes.yaml").read_text()))
@@ -181,18 +207,24 @@ async def test_compose_scenario_runs_without_docker(tmp_path: Path, processes: P
     env = clean_env(XDG_CONFIG_HOME=str(tmp_path))
     cloud = await processes.start([*SIDECAR, *cloud_args], env)
     sidecar_env = {**env, **dockerfile_env(), **compose["services"]["sidecar"]["environment"]}
+    # The compose secret, as the file compose would mount at /run/secrets/.
+    [secret] = compose["services"]["sidecar"]["secrets"]
+    secret_file = ROOT / "docker" / compose["secrets"][secret]["file"]
     sidecar_env.update(
         SIDECAR_UPSTREAM=f"http://127.0.0.1:{cloud_port}",
         SIDECAR_STORE=str(tmp_path / "volume" / "tokens.json"),
         SIDECAR_LISTEN=f"127.0.0.1:{proxy_port}",
+        SIDECAR_CLIENT_KEY_SECRET_FILE=str(secret_file),
     )
     await wait_healthy(f"http://127.0.0.1:{cloud_port}/_mock/stats", cloud)
     server = await processes.start([*SIDECAR, "serve"], sidecar_env)
     await wait_healthy(f"http://127.0.0.1:{proxy_port}/_sidecar/health", server, host="sidecar")
+    key = secret_file.read_text().strip()
     async with aiohttp.ClientSession() as client:
-        async with client.get(
-            f"http://127.0.0.1:{proxy_port}/api/v1/auth/whoami", headers={"Host": "sidecar:8787"}
-        ) as response:
+        whoami = f"http://127.0.0.1:{proxy_port}/api/v1/auth/whoami"
+        async with client.get(whoami, headers={"Host": "sidecar:8787"}) as response:
+            assert response.status == 403  # the client key is required
+        async with client.get(whoami, headers={"Host": "sidecar:8787", "X-Sidecar-Key": key}) as response:
             assert response.status == 200
             assert (await response.json())["name"] == "alice"
     stored = json.loads((tmp_path / "volume" / "tokens.json").read_text())

@@ -1,7 +1,8 @@
-"""The commands that use the token store without the proxy: token, import, logout, status.
+"""The commands that use the token store without the proxy: token, import, logout, status, client-key.
 
 Each returns its exit code and writes its own one-line messages; none ever
-prints a token except ``token``, whose whole job is to print one.
+prints a token except ``token``, whose whole job is to print one (and
+``client-key``, whose job is to print the local client key).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from sidecar.auth.oidc.http import ProviderError, ProviderSession
 from sidecar.auth.oidc.revocation import Revocation, revoke
 from sidecar.auth.oidc.userinfo import account
 from sidecar.auth.refresh import make_refresher
+from sidecar.callers import peer
+from sidecar.callers.gate import describe_line, describe_policy, resolve_settings
+from sidecar.callers.keys import key_file
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound, Proxies, client_session
 from sidecar.egress.tls import describe_tls_failure
@@ -160,7 +164,33 @@ async def _oauth2_logout(settings: Settings, err: TextIO) -> int:
     return 1
 
 
-async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[str, Any]:
+def client_key_command(
+    settings: Settings, env: Mapping[str, str], *, rotate: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """Print the local client key (SPEC §9), making it on first use; ``rotate`` replaces it first."""
+    file = key_file(settings.store, env)
+    key = file.rotate() if rotate else file.ensure()
+    if rotate:
+        _say(err, f"made a new client key in {file.path}; a running serve refuses the old one within a second")
+    if settings.client_key_mode == "off":
+        _say(err, "note: client_key is off, so serve does not ask for this key (set client_key = required)")
+    print(key.decode("ascii"), file=out)
+    return 0
+
+
+def caller_policy(settings: Settings, env: Mapping[str, str]) -> dict[str, Any]:
+    """The caller policy a ``serve`` with these settings runs with (never the key)."""
+    try:
+        allowed, file = resolve_settings(settings, env)
+    except ConfigError as exc:
+        return {"problem": str(exc)}
+    lookup = None if allowed.everyone else peer.tcp_lookup()
+    return describe_policy(allowed, settings.client_key_mode, lookup, settings.listen, file)
+
+
+async def status_report(
+    settings: Settings, *, clock: Any = time.time, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """What ``sidecar status`` shows, as a JSON-ready dict without secrets."""
     store = open_store(settings.store)
     report: dict[str, Any] = {
@@ -171,6 +201,7 @@ async def status_report(settings: Settings, *, clock: Any = time.time) -> dict[s
         "secondsToExpiry": None,
         "user": None,
         "problem": None,
+        "callers": caller_policy(settings, env or {}),
     }
     outbound = Outbound(settings)
     async with client_session(settings, outbound) as session:
@@ -241,15 +272,24 @@ def _duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-async def status_command(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+def _callers_line(policy: dict[str, Any]) -> str:
+    if "problem" in policy:
+        return f"Callers: {policy['problem']}"
+    return f"Callers: {describe_line(policy)}."
+
+
+async def status_command(
+    settings: Settings, *, as_json: bool, out: TextIO = sys.stdout, env: Mapping[str, str] | None = None
+) -> int:
     """Show login state; exit 0 when logged in, 1 when not."""
-    report = await status_report(settings)
+    report = await status_report(settings, env=env)
     if as_json:
         out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0 if report["loggedIn"] else 1
     if not report["loggedIn"]:
         print(f"Not logged in ({report['problem']}).", file=out)
         print(f"Log in with: {login_hint(settings)}", file=out)
+        print(_callers_line(report["callers"]), file=out)
         return 1
     user = report["user"] or {}
     who = user.get("name") or user.get("email") or "an unknown user"
@@ -271,4 +311,5 @@ async def status_command(settings: Settings, *, as_json: bool, out: TextIO = sys
     if report["problem"]:
         print(f"Note: {report['problem']}.", file=out)
     print(f"Token store: {report['store']}", file=out)
+    print(_callers_line(report["callers"]), file=out)
     return 0

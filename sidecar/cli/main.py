@@ -35,7 +35,8 @@ _KEY_HELP = {
     "store": "token store file",
     "ca_file": "PEM bundle of extra CAs to trust (adds to the system's)",
     "client_cert": "client certificate (PEM) for upstreams that require mTLS",
-    "client_key": "private key of client_cert, if not in the same file",
+    "client_key": "off, optional or required: the local client key (sidecar client-key); else the private key file of client_cert",
+    "allow_users": 'who may connect to serve: "self" (default), "any", or user names and uids, comma-separated',
     "proxy": 'egress proxy URL (overrides HTTPS_PROXY/HTTP_PROXY; "" for none)',
 }
 
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", parents=[config], help="show login state and the user")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    client_key = commands.add_parser(
+        "client-key", parents=[config], help="print the local client key (made on first use)"
+    )
+    client_key.add_argument("--rotate", action="store_true", help="replace the key; the old one stops working")
 
     token = commands.add_parser("token", parents=[config], help="print a fresh access token")
     token.add_argument("--force-refresh", action="store_true", help="refresh even if the token is not near expiry")
@@ -187,7 +193,9 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if name == "logout":
         return commands.logout_command(settings)
     if name == "status":
-        return asyncio.run(commands.status_command(settings, as_json=args.json))
+        return asyncio.run(commands.status_command(settings, as_json=args.json, env=env))
+    if name == "client-key":
+        return commands.client_key_command(settings, env, rotate=args.rotate)
     if name == "mock-cloud":
         from sidecar.mockcloud import run_mock_cloud
 

@@ -1,6 +1,8 @@
 """The request handler: forward to the upstream with a fresh bearer token.
 
-Per request: refuse what must not be forwarded (targets, Host, Origin, dot
+Per request: refuse a caller that may not use the login (callers/, SPEC
+§9: the peer's uid once per connection, the client key per forwarded
+request), refuse what must not be forwarded (targets, Host, Origin, dot
 segments), take a token from the manager, send the request upstream with
 hop-by-hop headers dropped and the body framed as the client framed it,
 replay it once after a 401 if it was small enough to buffer, and stream the
@@ -22,6 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.auth.hint import login_hint
+from sidecar.callers.gate import CallerGate
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound
 from sidecar.egress.tls import describe_tls_failure
@@ -63,8 +66,10 @@ class Proxy:
         outbound: Outbound,
         local: LocalHandler,
         record: Recorder,
+        callers: CallerGate | None = None,
     ) -> None:
         self._settings = settings
+        self._callers = callers
         self._manager = manager
         self._session = session
         self._outbound = outbound
@@ -119,6 +124,14 @@ class Proxy:
         return True
 
     async def _dispatch(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
+        callers = self._callers
+        if callers is not None and callers.checks_peers:
+            # Looked up on a connection's first request only; then one dict lookup (SPEC §9).
+            caller = callers.caller(request.protocol, request.transport)
+            if not caller.allowed:
+                refused = self._problem(outcome, problems.CALLER_NOT_ALLOWED, caller.detail())
+                refused.force_close()
+                return refused
         target = split_target(request.raw_path)
         refusal = self._refusal(request, target)
         if refusal is not None:
@@ -131,6 +144,15 @@ class Proxy:
             response = await self._local(request, path[len(LOCAL_PREFIX) :])
             outcome.status = response.status
             return response
+        if callers is not None and callers.checks_keys:
+            verdict = callers.key_verdict(request.raw_headers)
+            if not verdict.ok:
+                return self._problem(
+                    outcome,
+                    problems.CLIENT_KEY_REQUIRED,
+                    f"This sidecar needs its client key and {verdict.reason}: send it as X-Sidecar-Key "
+                    "or Authorization: Bearer <key> (sidecar client-key prints it).",
+                )
         if path_escapes(path):
             return self._problem(
                 outcome,

@@ -28,8 +28,9 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Dropped from requests as well: Host is the upstream's, Authorization is
-# ours, and Expect: 100-continue was answered by the sidecar itself.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "expect"}
+# ours, Expect: 100-continue was answered by the sidecar itself, and
+# X-Sidecar-Key (SPEC §9) is for the sidecar only, never forwarded.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "expect", "x-sidecar-key"}
 _REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
 _RESPONSE_DROP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 

@@ -30,6 +30,8 @@ BAD_TARGET = Problem(400, "bad-target", "Bad request target")
 METHOD_NOT_ALLOWED = Problem(405, "bad-target", "Method not allowed")
 NOT_FOUND = Problem(404, "not-found", "No such sidecar endpoint")
 UPSTREAM_REFUSED_UPGRADE = Problem(502, "upstream-refused-upgrade", "Upstream refused the WebSocket upgrade")
+CALLER_NOT_ALLOWED = Problem(403, "caller-not-allowed", "Caller not allowed")
+CLIENT_KEY_REQUIRED = Problem(403, "client-key-required", "Client key required")
 INTERNAL = Problem(500, "internal-error", "Sidecar internal error")
 
 

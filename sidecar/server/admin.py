@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from sidecar.callers.gate import CallerGate
 from sidecar.config import Settings
 from sidecar.manager import TokenManager
 from sidecar.proxy import problems
@@ -21,8 +22,10 @@ from sidecar.tokens import TokenState, format_timestamp, token_state
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-def status_document(manager: TokenManager, settings: Settings, now: float) -> dict[str, Any]:
-    """The JSON of ``/_sidecar/status`` (SPEC §4)."""
+def status_document(
+    manager: TokenManager, settings: Settings, now: float, callers: CallerGate | None = None
+) -> dict[str, Any]:
+    """The JSON of ``/_sidecar/status`` (SPEC §4), with the caller policy (SPEC §9, never the key)."""
     pair = manager.pair
     stats = manager.stats
     expires_at = pair.expires_at if pair is not None else None
@@ -36,6 +39,7 @@ def status_document(manager: TokenManager, settings: Settings, now: float) -> di
         "lastRefreshAt": format_timestamp(stats.last_refresh_at) if stats.last_refresh_at else None,
         "lastError": stats.last_error or manager.problem,
         "nextRefreshAt": format_timestamp(next_refresh) if next_refresh is not None else None,
+        "callers": callers.describe(settings.listen) if callers is not None else None,
     }
 
 
@@ -49,8 +53,14 @@ class LocalEndpoints:
     """Answers ``/_sidecar/<name>``."""
 
     def __init__(
-        self, manager: TokenManager, settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.time
+        self,
+        manager: TokenManager,
+        settings: Settings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        callers: CallerGate | None = None,
     ) -> None:
+        self._callers = callers
         self._manager = manager
         self._settings = settings
         self._metrics = metrics
@@ -67,7 +77,7 @@ class LocalEndpoints:
             ready = token_usable(self._manager, self._settings.leeway, self._clock())
             return web.json_response({"ready": ready}, status=200 if ready else 503, headers=_NO_STORE)
         if name == "status":
-            document = status_document(self._manager, self._settings, self._clock())
+            document = status_document(self._manager, self._settings, self._clock(), self._callers)
             return web.Response(body=orjson.dumps(document), content_type="application/json", headers=_NO_STORE)
         if name == "metrics":
             return web.Response(

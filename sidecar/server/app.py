@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TextIO
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, TextIO
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from sidecar.auth.refresh import make_refresher
+from sidecar.callers.gate import CallerGate, build_gate
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound, client_session
 from sidecar.manager import TokenManager
@@ -42,6 +45,19 @@ class Sidecar:
     manager: TokenManager
     server: web.Server
     proxy: Proxy
+    callers: CallerGate | None = None
+
+
+class _Server(web.Server):
+    """``web.Server`` that tells the caller gate when a connection is gone, so no verdict outlives its connection."""
+
+    def __init__(self, handler: Any, *, gate: CallerGate, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._gate = gate
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self._gate.forget(handler)
+        super().connection_lost(handler, exc)
 
 
 def _recorder(metrics: Metrics, access_log: AccessLog) -> Callable[[web.BaseRequest, Outcome, float], None]:
@@ -70,8 +86,15 @@ async def running_sidecar(
     log_stream: TextIO | None = None,
     clock: Callable[[], float] = time.time,
     proactive: bool = True,
+    env: Mapping[str, str] | None = None,
+    callers: CallerGate | None = None,
 ) -> AsyncIterator[Sidecar]:
-    """Everything ``serve`` runs, minus the listening sockets."""
+    """Everything ``serve`` runs, minus the listening sockets.
+
+    ``callers`` is the caller policy (SPEC §9), built from ``settings`` and
+    ``env`` (the process environment by default) unless a test passes one.
+    """
+    gate = callers if callers is not None else build_gate(settings, os.environ if env is None else env)
     outbound = Outbound(settings)
     session = client_session(settings, outbound, proxying=True)
     metrics = Metrics()
@@ -90,15 +113,18 @@ async def running_sidecar(
         manager,
         session,
         outbound,
-        LocalEndpoints(manager, settings, metrics, clock),
+        LocalEndpoints(manager, settings, metrics, clock, gate),
         _recorder(metrics, access_log),
+        gate,
     )
-    server = web.Server(proxy.handle, handler_cancellation=True, auto_decompress=False, access_log=None)
+    server = _Server(proxy.handle, gate=gate, handler_cancellation=True, auto_decompress=False, access_log=None)
     background = asyncio.get_running_loop().create_task(manager.run_proactive()) if proactive else None
     try:
-        yield Sidecar(manager, server, proxy)
+        yield Sidecar(manager, server, proxy, gate)
     finally:
         proxy.close()
+        if callers is None:
+            gate.close()  # ours; a test's gate is the test's
         if background is not None:
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
