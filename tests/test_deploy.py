@@ -256,3 +256,31 @@ def test_readme_test_command_is_what_ci_runs() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert ci_lines[-1] == block.strip()
+
+
+def test_redis_compose_example_shares_one_login_between_two_sidecars() -> None:
+    """compose.redis.yaml: a Redis with AOF and two sidecars naming the same Redis store URL (from the environment)."""
+    compose = yaml.safe_load((ROOT / "docker" / "compose.redis.yaml").read_text())
+    services = compose["services"]
+    assert {"cloud", "redis", "sidecar-a", "sidecar-b", "client"} <= set(services)
+    assert "--appendonly" in services["redis"]["command"]
+    stores = {services[name]["environment"]["SIDECAR_STORE"] for name in ("sidecar-a", "sidecar-b")}
+    [store] = stores
+    assert store.startswith("redis://") and "?key=" in store
+    for name in ("sidecar-a", "sidecar-b"):
+        assert "--store" not in " ".join(services[name].get("command", []))  # never on the command line
+
+
+def test_redis_kubernetes_example_scales_rolls_and_is_protected() -> None:
+    """kubernetes-redis.yaml: 3 replicas, RollingUpdate, a PodDisruptionBudget, the store URL from a Secret, Redis with AOF."""
+    documents = list(yaml.safe_load_all((ROOT / "docker" / "kubernetes-redis.yaml").read_text()))
+    kinds = {document["kind"]: document for document in documents}
+    deployment = kinds["Deployment"]
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert kinds["PodDisruptionBudget"]["spec"]["selector"] == deployment["spec"]["selector"]
+    [sidecar] = deployment["spec"]["template"]["spec"]["initContainers"]
+    [store] = [item for item in sidecar["env"] if item["name"] == "SIDECAR_STORE"]
+    assert store["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
+    [redis] = kinds["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    assert "--appendonly" in redis["args"]
