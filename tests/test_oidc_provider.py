@@ -197,10 +197,10 @@ async def authorize_in_browser(url: str) -> Page:
 
 
 async def post(provider: Provider, path: str, form: Mapping[str, str], *, basic: bool = False) -> tuple[int, Any]:
-    auth = aiohttp.BasicAuth(*RESOURCE_SERVER) if basic else None
+    headers = {"Authorization": "Basic " + base64.b64encode(":".join(RESOURCE_SERVER).encode()).decode()} if basic else {}
     async with (
         aiohttp.ClientSession() as session,
-        session.post(provider.url(path), data=form, auth=auth) as answer,
+        session.post(provider.url(path), data=form, headers=headers) as answer,
     ):
         return answer.status, await answer.json()
 
@@ -410,9 +410,12 @@ async def test_device_login_through_the_providers_device_pages(
         url = next(word for word in seen[-1].split() if word.startswith(mark))
         user_code = URL(url).query["user_code"]
         async with browser() as b:
-            page = await b.go("GET", url)
-            confirm = next(f for f in forms_on(page.text) if f.fields.get("user_code") is not None)
-            assert confirm.fields["user_code"] == user_code
+            page = await b.go("GET", url)  # the user code form, filled in from the URI
+            entry = next(f for f in forms_on(page.text) if "user_code" in f.fields)
+            assert entry.fields["user_code"] == user_code
+            page = await b.submit(page, entry)  # "Confirm Device", showing the code
+            confirm = next(f for f in forms_on(page.text) if f.fields.get("confirm") == "yes")
+            assert confirm.fields["user_code"] == user_code and user_code in page.text
             done = await b.sign_in(await b.submit(page, confirm))
         run = await finish(process, "".join(seen), timeout=STEP_TIMEOUT)
     finally:
