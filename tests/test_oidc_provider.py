@@ -21,6 +21,7 @@ import base64
 import hashlib
 import html.parser
 import secrets
+import select
 import shutil
 import subprocess
 import time
@@ -77,9 +78,9 @@ def provider() -> Iterator[Provider]:
     )
     try:
         assert process.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        line = process.stdout.readline()  # "ready <issuer>", printed once listening
-        if not line.startswith("ready ") or time.monotonic() > deadline:
+        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+        line = process.stdout.readline() if ready else ""  # "ready <issuer>", printed once listening
+        if not line.startswith("ready "):
             pytest.fail(f"oidc-provider did not start (exit {process.poll()}): {line!r}")
         issuer = line.split()[1]
         assert issuer == f"http://127.0.0.1:{port}"
@@ -197,7 +198,9 @@ async def authorize_in_browser(url: str) -> Page:
 
 
 async def post(provider: Provider, path: str, form: Mapping[str, str], *, basic: bool = False) -> tuple[int, Any]:
-    headers = {"Authorization": "Basic " + base64.b64encode(":".join(RESOURCE_SERVER).encode()).decode()} if basic else {}
+    headers = (
+        {"Authorization": "Basic " + base64.b64encode(":".join(RESOURCE_SERVER).encode()).decode()} if basic else {}
+    )
     async with (
         aiohttp.ClientSession() as session,
         session.post(provider.url(path), data=form, headers=headers) as answer,
@@ -228,7 +231,17 @@ async def refresh_error(provider: Provider, refresh_token: str) -> str | None:
 
 def args(provider: Provider, store_path: Path, *extra: str) -> tuple[str, ...]:
     """The flags of a user who has only the issuer and the client id."""
-    return ("--flavor", "oauth2", "--issuer", provider.issuer, "--client-id", CLIENT_ID, "--store", str(store_path), *extra)
+    return (
+        "--flavor",
+        "oauth2",
+        "--issuer",
+        provider.issuer,
+        "--client-id",
+        CLIENT_ID,
+        "--store",
+        str(store_path),
+        *extra,
+    )
 
 
 async def cli_login(env: dict[str, str], provider: Provider, store_path: Path, *extra: str) -> tuple[TokenPair, str]:
@@ -388,7 +401,9 @@ async def test_logout_revokes_the_refresh_token_at_the_provider(
     assert await refresh_error(provider, pair.refresh_token) == "invalid_grant"
 
 
-async def test_status_shows_the_account_from_userinfo(env: dict[str, str], provider: Provider, store_path: Path) -> None:
+async def test_status_shows_the_account_from_userinfo(
+    env: dict[str, str], provider: Provider, store_path: Path
+) -> None:
     """With profile and email granted, ``status`` names the account the provider's userinfo reports."""
     await cli_login(env, provider, store_path, "--scope", PROFILE_SCOPE)
     run = await run_sidecar(env, "status", *args(provider, store_path, "--scope", PROFILE_SCOPE))
@@ -427,4 +442,3 @@ async def test_device_login_through_the_providers_device_pages(
     assert pair.access_token is not None and pair.refresh_token is not None
     answer = await introspect(provider, pair.access_token)
     assert answer["active"] is True and answer["sub"] == ACCOUNT["sub"]
-
