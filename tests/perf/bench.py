@@ -84,7 +84,11 @@ COMPARE_CASES = [
     ("small_64c", "/small", 64, "small body (100 B), 64 connections"),
     ("big_64c", "/big", 64, "1 MiB body, 64 connections"),
     ("small_1c", "/small", 1, "small body (100 B), 1 connection"),
+    # A new connection per request (wrk reconnects after Connection: close): what per-connection work costs.
+    ("small_64c_close", "/small", 64, "small body (100 B), 64 connections, a new connection per request"),
 ]
+# Cases whose requests each close their connection.
+_CLOSE_CASES = frozenset({"small_64c_close"})
 
 
 class BenchError(Exception):
@@ -435,10 +439,11 @@ class Wrk:
         self.wrk = wrk
         self.prefix = ["taskset", "-c", client_cpus] if client_cpus is not None else []
 
-    def run(self, port: int, path: str, conns: int, duration: int) -> dict[str, Any]:
+    def run(self, port: int, path: str, conns: int, duration: int, *, close: bool = False) -> dict[str, Any]:
         argv = [
             *self.prefix,
             self.wrk,
+            *(["-H", "Connection: close"] if close else []),
             "-t1",
             f"-c{conns}",
             f"-d{duration}s",
@@ -455,11 +460,13 @@ class Wrk:
             raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
         return parse_wrk(done.stdout)
 
-    def measured(self, port: int, path: str, conns: int, duration: int, cpu_pids: list[int] | None) -> dict[str, Any]:
+    def measured(
+        self, port: int, path: str, conns: int, duration: int, cpu_pids: list[int] | None, *, close: bool = False
+    ) -> dict[str, Any]:
         """One wrk run; with ``cpu_pids``, also the CPU those processes spent per request."""
         before = cpu_seconds(cpu_pids) if cpu_pids else None
         t0 = time.time()
-        result = self.run(port, path, conns, duration)
+        result = self.run(port, path, conns, duration, close=close)
         result["wall_start"] = t0
         result["wall_end"] = time.time()
         if cpu_pids and before is not None:
@@ -1086,12 +1093,15 @@ class Bench:
         sides = {"current": self.sidecar, "baseline": base}
         cases: dict[str, Any] = {}
         for key, path, conns, title in COMPARE_CASES:
+            close = key in _CLOSE_CASES
             for server in sides.values():  # warm-up, not reported
-                self.wrk.run(server.port, path, conns, self.warmup)
+                self.wrk.run(server.port, path, conns, self.warmup, close=close)
             runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
             for _ in range(self.compare_runs):
                 for side, server in sides.items():
-                    runs[side].append(self.wrk.measured(server.port, path, conns, self.duration, server.tree()))
+                    runs[side].append(
+                        self.wrk.measured(server.port, path, conns, self.duration, server.tree(), close=close)
+                    )
             cases[key] = compare_case(path, conns, title, runs)
         self.procs.stop(base)
         self.print_compare(cases, base_startup)
