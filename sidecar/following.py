@@ -40,6 +40,12 @@ class StoreWatch:
         self._busy = busy  # a refresh re-reads under the lock: nothing to look at meanwhile
         self._checked_at = float("-inf")
         self._looking: asyncio.Task[None] | None = None
+        self._problem: str | None = None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the last look at the store failed (never a secret), or None when it worked."""
+        return self._problem
 
     def looked(self) -> None:
         """The caller just read the store itself."""
@@ -72,4 +78,10 @@ class StoreWatch:
                 if not self._busy():
                     self._adopt(snapshot)
         except StoreError as exc:
-            log.warning("cannot look at the token store: %s", exc)
+            if self._problem is None:
+                log.warning("cannot look at the token store: %s", exc)
+            self._problem = str(exc)
+        else:
+            if self._problem is not None:
+                log.info("the token store answers again")
+            self._problem = None

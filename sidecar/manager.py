@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from sidecar.errors import ConfigError, NotLoggedIn, RefreshDead, RefreshTransient, StoreError
+from sidecar.errors import ConfigError, NotLoggedIn, RefreshDead, RefreshTransient, StoreConflict, StoreError
 from sidecar.following import StoreWatch
 from sidecar.refreshing import (
     LOCK_TIMEOUT,
@@ -123,6 +123,11 @@ class TokenManager:
     def problem(self) -> str | None:
         """Why there is no usable pair, if there is none."""
         return self._problem if self._pair is None else None
+
+    @property
+    def store_problem(self) -> str | None:
+        """Why the store could not be looked at just now (it may be down), if it could not."""
+        return self._watch.problem
 
     async def load(self) -> None:
         """Read the store now (callers that look at ``pair`` before asking for a token)."""
@@ -275,14 +280,28 @@ class TokenManager:
         try:
             pending = await self.store.begin_write(expected)
         except StoreError as exc:
-            raise self._transient(str(exc)) from None  # spending the refresh token now would lose its successor
+            # Spending the refresh token now would lose its successor, or (a
+            # conflict: the lock was taken over, another write landed) spend
+            # it a second time.  What the store holds now may already do.
+            newer = await self._newer_in_store(pair) if isinstance(exc, StoreConflict) else None
+            if newer is not None:
+                return newer
+            raise self._transient(str(exc)) from None
         try:
             new_pair = await self.refresher.refresh(pair, now)
         except UnusableGrant as exc:
-            await self._commit(pending, exc.salvage, spent=pair.refresh_token)
+            try:
+                await self._commit(pending, exc.salvage, spent=pair.refresh_token)
+            except StoreConflict:
+                newer = await self._lost_the_race(exc.salvage, spent=pair.refresh_token)
+                if newer is not exc.salvage:
+                    return newer
             raise self._transient(exc.reason) from None
         except (ConfigError, RefreshTransient) as exc:
             await pending.abort()
+            newer = await self._newer_in_store(pair)  # another sidecar may have refreshed meanwhile
+            if newer is not None:
+                return newer
             raise self._transient(exc.reason if isinstance(exc, RefreshTransient) else str(exc)) from None
         except RefreshDead as exc:
             await pending.abort()
@@ -290,7 +309,14 @@ class TokenManager:
         except BaseException:
             await pending.abort()
             raise
-        if await self._commit(pending, new_pair, spent=pair.refresh_token):
+        try:
+            saved = await self._commit(pending, new_pair, spent=pair.refresh_token)
+        except StoreConflict:
+            winner = await self._lost_the_race(new_pair, spent=pair.refresh_token)
+            if winner is not new_pair:
+                return winner
+            saved = False
+        if saved:
             self.stats.last_error = None
         self._problem = None
         self._failures = 0
@@ -312,23 +338,57 @@ class TokenManager:
 
     async def _commit(self, pending: PendingWrite, new_pair: TokenPair, *, spent: str) -> bool:
         """Hold ``new_pair`` and save it; whether the store took it.  ``spent`` is used up either way:
-        an unsaved pair lives in memory, is never overridden by the stale store, and is saved on the next refresh."""
+        an unsaved pair lives in memory, is never overridden by the stale store, and is saved on the next refresh.
+        StoreConflict (another write landed first) is the caller's to settle."""
         self._pair = new_pair
         try:
             self._version = await pending.commit(new_pair)
             return True
+        except StoreConflict:
+            raise
         except StoreError as exc:
             log.error("refreshed, but %s; the new login lives only in memory until it can be saved", exc)
             self.stats.last_error = str(exc)
             self._unsaved = UnsavedPair(new_pair, spent_refresh_token=spent)
             return False
 
+    async def _newer_in_store(self, pair: TokenPair) -> TokenPair | None:
+        """What the store holds if it is no longer ``pair`` (a login, an import or another process landed); adopted."""
+        try:
+            snapshot = await self.store.read()
+        except StoreError:
+            return None
+        if snapshot.pair is None or snapshot.pair.refresh_token == pair.refresh_token:
+            return None
+        self._adopt(snapshot)
+        return snapshot.pair
+
+    async def _lost_the_race(self, new_pair: TokenPair, *, spent: str) -> TokenPair:
+        """Our refresh worked, but the compare-and-set refused its pair: another write landed first.
+
+        What landed (another sidecar's rotation, a login, an import, a
+        logout) wins; ours is kept in memory only if the store cannot be read
+        or still holds the token we spent, and is then saved later.
+        """
+        unsaved = UnsavedPair(new_pair, spent_refresh_token=spent)
+        try:
+            snapshot = await self.store.read()
+        except StoreError as exc:
+            snapshot = None
+            log.error("refreshed, but %s; the new login lives only in memory until it can be saved", exc)
+        if snapshot is None or not unsaved.superseded_by(snapshot.pair):
+            self._unsaved = unsaved
+            return new_pair
+        log.warning("refreshed, but another write reached the token store first; using what it holds")
+        self._adopt(snapshot)
+        if self._pair is None:
+            raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
+        return self._pair
+
     async def _handle_dead(self, pair: TokenPair, reason: str) -> TokenPair:
-        snapshot = await self.store.read()
-        if snapshot.pair is not None and snapshot.pair.refresh_token != pair.refresh_token:
-            # A login, an import or another process landed while we refreshed.
-            self._adopt(snapshot)
-            return snapshot.pair
+        newer = await self._newer_in_store(pair)
+        if newer is not None:
+            return newer
         self.stats.dead += 1
         self.stats.last_error = reason
         self._notify("dead")

@@ -105,6 +105,24 @@ async def test_reused_refresh_token_revokes_whole_family(cloud: MockCloud, sessi
     assert cloud.chain_revocations == 1
 
 
+async def test_a_reuse_grace_honours_a_spent_token_for_a_while_then_revokes(
+    cloud: MockCloud, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    """Like Auth0's reuse interval: a second use within the grace buys a pair too; after it, reuse detection."""
+    cloud.refresh_reuse_grace = 30.0
+    pair = cloud.issue_pair()
+    _, first = await refresh(session, cloud, pair["refreshToken"])
+    clock.advance(20)
+    status, second = await refresh(session, cloud, pair["refreshToken"])
+    assert status == 200 and second["refreshToken"] != first["refreshToken"]
+    assert cloud.chain_revocations == 0
+    assert await echo_status(session, cloud, first["accessToken"]) == 200
+    clock.advance(11)  # 31 s after the first use
+    status, _ = await refresh(session, cloud, pair["refreshToken"])
+    assert status == 403 and cloud.chain_revocations == 1
+    assert await echo_status(session, cloud, second["accessToken"]) == 401
+
+
 async def test_unknown_refresh_token_is_invalid_grant(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """A refresh token the cloud never issued answers 403 invalid_grant."""
     assert await refresh(session, cloud, "rt_nope") == (403, {"error": "invalid_grant"})

@@ -121,6 +121,15 @@ class MockCloud:
         self._ledger.refresh_ttl = value
 
     @property
+    def refresh_reuse_grace(self) -> float:
+        """Seconds a spent refresh token may be redeemed again without revoking its login (0: never)."""
+        return self._ledger.reuse_grace
+
+    @refresh_reuse_grace.setter
+    def refresh_reuse_grace(self, value: float) -> None:
+        self._ledger.reuse_grace = value
+
+    @property
     def clock(self) -> Callable[[], float]:
         """The epoch-seconds clock every expiry check uses."""
         return self._ledger.clock

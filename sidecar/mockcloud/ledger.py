@@ -2,7 +2,9 @@
 
 Refresh tokens are single use: redeeming one spends it, and presenting a
 spent one again revokes its whole login family (reuse detection, as the OAuth
-security BCP asks). Expiry is judged by the injected ``clock``; nothing here
+security BCP asks) — unless ``reuse_grace`` is set: then a spent token
+presented again within that many seconds of its first use buys a new pair
+too, as Auth0's "reuse interval" and Okta's rotation grace period allow. Expiry is judged by the injected ``clock``; nothing here
 does I/O.
 """
 
@@ -33,6 +35,7 @@ class Grant:
     family: Family
     expires_at: float
     spent: bool = False
+    spent_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,7 @@ class TokenLedger:
         self.refresh_ttl = refresh_ttl
         self.clock = clock
         self.chain_revocations = 0
+        self.reuse_grace = 0.0
         self.minted: set[str] = set()
         self._families = itertools.count(1)
         self._access: dict[str, Grant] = {}
@@ -91,12 +95,12 @@ class TokenLedger:
         """Spend ``refresh_token`` and mint what it buys, or None when it is dead.
 
         Without ``rotate`` the refresh token stays live and no new one is
-        minted. A spent token presented again revokes its family.
+        minted. A spent token presented again revokes its family (after ``reuse_grace``).
         """
         grant = self._refresh.get(refresh_token)
         if grant is None or grant.family.revoked:
             return None
-        if grant.spent:
+        if grant.spent and not self._within_grace(grant):
             self.chain_revocations += 1
             self._revoke_family(grant.family)
             return None
@@ -105,9 +109,13 @@ class TokenLedger:
         access, expires_at = self._new_access(grant.family)
         new_refresh: str | None = None
         if rotate:
-            grant.spent = True
+            if not grant.spent:
+                grant.spent, grant.spent_at = True, self.clock()
             new_refresh = self._new_refresh(grant.family)
         return Rotation(access, new_refresh, expires_at)
+
+    def _within_grace(self, grant: Grant) -> bool:
+        return self.reuse_grace > 0 and self.clock() - grant.spent_at <= self.reuse_grace
 
     def revoke_chain(self, refresh_token: str) -> None:
         """Revoke the family of ``refresh_token``, if it is one we issued."""

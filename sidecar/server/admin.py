@@ -40,6 +40,7 @@ def status_document(
         "lastError": stats.last_error or manager.problem,
         "nextRefreshAt": format_timestamp(next_refresh) if next_refresh is not None else None,
         "callers": callers.describe(settings.listen) if callers is not None else None,
+        "storeError": manager.store_problem,
     }
 
 
@@ -74,8 +75,7 @@ class LocalEndpoints:
         if name == "health":
             return web.json_response({"status": "ok"}, headers=_NO_STORE)
         if name == "ready":
-            ready = token_usable(self._manager, self._settings.leeway, self._clock())
-            return web.json_response({"ready": ready}, status=200 if ready else 503, headers=_NO_STORE)
+            return self._ready()
         if name == "status":
             document = status_document(self._manager, self._settings, self._clock(), self._callers)
             return web.Response(body=orjson.dumps(document), content_type="application/json", headers=_NO_STORE)
@@ -86,3 +86,14 @@ class LocalEndpoints:
         return problems.problem_response(
             problems.NOT_FOUND, "Known endpoints: /_sidecar/health, ready, status, metrics."
         )
+
+    def _ready(self) -> web.Response:
+        """200 while a usable token is held; the body says why not, and whether the store answers."""
+        manager = self._manager
+        ready = token_usable(manager, self._settings.leeway, self._clock())
+        document: dict[str, Any] = {"ready": ready}
+        if not ready:
+            document["reason"] = manager.problem or manager.stats.last_error or "the access token has expired"
+        if manager.store_problem is not None:
+            document["storeError"] = manager.store_problem
+        return web.json_response(document, status=200 if ready else 503, headers=_NO_STORE)

@@ -1,8 +1,8 @@
 """The Lua scripts of the Redis store: each a single atomic step on one login's keys.
 
-KEYS[1] is always ``sidecar:{NAME}:pair`` or ``sidecar:{NAME}:lock`` and
-KEYS[2] the events channel ``sidecar:{NAME}:events``: one hash slot, so a
-Redis Cluster can run them.  Numbers cross as strings made with
+The KEYS are one login's ``sidecar:{NAME}:pair``, ``sidecar:{NAME}:lock``
+and events channel ``sidecar:{NAME}:events``: one hash slot, so a Redis
+Cluster can run them.  Numbers cross as strings made with
 ``string.format('%d')`` (Lua 5.1's ``tostring`` writes large ones as 1e+12).
 """
 
@@ -25,6 +25,24 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'generation', new, unpack(ARGV, 3))
 redis.call('PUBLISH', KEYS[2], new)
 return new
+"""
+
+# Just before a refresh token is spent: is this sidecar still the lock's holder
+# (ARGV[1]; "" for a write outside the lock) and the pair still at the
+# generation it read (ARGV[2]; "" for "no record")?  KEYS[1] the lock,
+# KEYS[2] the pair.  Returns 1, 0 (the lock was taken over) or -1 (written since).
+FENCE = """
+if ARGV[1] ~= '' then
+  local value = redis.call('GET', KEYS[1])
+  if not value or string.sub(value, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ' ' then return 0 end
+end
+local current = redis.call('HGET', KEYS[2], 'generation')
+if ARGV[2] == '' then
+  if current then return -1 end
+elseif current ~= ARGV[2] then
+  return -1
+end
+return 1
 """
 
 # Forget the pair; announce it.  Returns 1 if there was one.

@@ -10,14 +10,15 @@ on the lock: a holder that stalls past its TTL loses the lock, and its late
 write is refused.  The lock is renewed every TTL/3 while held; waiters wake
 on ``unlocked`` or at the holder's published deadline, whichever is first.
 ``changed_since`` answers from what the events subscription heard (no round
-trip on the request path), and asks Redis itself while the subscription is
-down.
+trip on the request path), and from a poll beside the caller while the
+subscription is down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import time
@@ -35,7 +36,6 @@ from sidecar.tokens import TokenPair
 
 log = logging.getLogger("sidecar.store")
 
-LOCK_TTL = 10.0
 T = TypeVar("T")
 
 
@@ -97,10 +97,10 @@ class _RedisWrite:
 class RedisStore:
     """One login's pair in Redis, shared by every sidecar that names it."""
 
-    def __init__(self, location: RedisLocation, *, lock_ttl: float = LOCK_TTL) -> None:
+    def __init__(self, location: RedisLocation, *, lock_ttl: float | None = None) -> None:
         self._location = location
         self._redis = _redis_module()
-        self._lock_ttl_ms = max(int(lock_ttl * 1000), 1)
+        self._lock_ttl_ms = max(int((location.lock_ttl if lock_ttl is None else lock_ttl) * 1000), 1)
         braces = "{" + location.name + "}"
         self.pair_key = f"sidecar:{braces}:pair"
         self.lock_key = f"sidecar:{braces}:lock"
@@ -109,9 +109,14 @@ class RedisStore:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listening = False
-        self._heard: Version | None = None  # the generation the events last announced
+        self._heard: Version | None = None  # the generation the events (or the poll) last announced
+        self._poll: asyncio.Task[None] | None = None
+        self._poll_problem: str | None = None
+        self._known = False  # whether _heard has been learnt from Redis at all
         self._pulse = asyncio.Event()
         self._closing = False
+        # The holder id of the lock the current task holds: begin_write checks it is still ours.
+        self._holder: contextvars.ContextVar[str] = contextvars.ContextVar(f"redis-lock-{id(self)}", default="")
 
     @property
     def description(self) -> str:
@@ -132,8 +137,8 @@ class RedisStore:
                 self._location.url, decode_responses=True, socket_connect_timeout=3.0, socket_timeout=5.0
             )
             self._client_loop = loop
-            self._listener = None
-            self._listening = False
+            self._listener = self._poll = None
+            self._listening = self._known = False
             self._pulse = asyncio.Event()
         return self._client
 
@@ -156,14 +161,40 @@ class RedisStore:
             return StoreSnapshot(None, f"token store {self.description} is unusable: {exc}", version)
 
     async def changed_since(self, version: Version | None) -> bool:
+        """From what the events said; while they are down, from a poll that runs beside the caller.
+
+        Either way the caller never waits for Redis: a request that triggers
+        the once-a-second look must not stall on an unreachable server.
+        """
         self._listen()
-        if self._listening:
-            return self._heard != version
-        current = await self._call(lambda r: r.hget(self.pair_key, "generation"))
-        return bool(current != version)
+        if not self._listening:
+            if self._poll is None or self._poll.done():
+                self._poll = asyncio.get_running_loop().create_task(self._poll_generation())
+            if not self._known:
+                await asyncio.shield(self._poll)  # nothing heard yet: once, this look does wait
+            if self._poll_problem is not None:
+                raise StoreError(self._poll_problem)
+        return self._heard != version
+
+    async def _poll_generation(self) -> None:
+        try:
+            self._heard = await self._call(lambda r: r.hget(self.pair_key, "generation"))
+        except StoreError as exc:
+            self._poll_problem = str(exc)
+        else:
+            self._poll_problem = None
+            self._known = True
 
     async def begin_write(self, expected: Version | None) -> _RedisWrite:
-        await self._call(lambda r: r.ping())  # found out before a refresh token is spent
+        """Checked just before a refresh token is spent: Redis answers, the lock is still ours, nobody wrote since."""
+        keys_and_args = [self.lock_key, self.pair_key, self._holder.get(), "" if expected is None else str(expected)]
+        fenced = int(await self._call(lambda r: r.eval(redis_scripts.FENCE, 2, *keys_and_args)))
+        if fenced == 0:
+            raise StoreConflict(
+                f"the refresh lock of {self.description} was taken over (this sidecar stalled past its TTL)"
+            )
+        if fenced == -1:
+            raise StoreConflict(f"token store {self.description} changed since it was read")
         return _RedisWrite(self, expected)
 
     async def compare_and_set(self, pair: TokenPair, expected: Version | None) -> Version:
@@ -185,9 +216,11 @@ class RedisStore:
         holder = secrets.token_hex(16)
         await self._acquire(holder, timeout)
         watchdog = asyncio.get_running_loop().create_task(self._renew_while_held(holder))
+        held = self._holder.set(holder)
         try:
             yield
         finally:
+            self._holder.reset(held)
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
@@ -204,6 +237,8 @@ class RedisStore:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._poll is not None:
+            self._poll.cancel()
         if self._listener is not None:
             self._listener.cancel()
             # redis-py's pubsub can swallow one cancellation in its read: do not wait forever.
@@ -272,7 +307,8 @@ class RedisStore:
                 await pubsub.subscribe(self.events)
                 # What was written before the subscription took hold.
                 self._heard = await client.hget(self.pair_key, "generation")
-                self._listening = True
+                self._listening = self._known = True
+                self._poll_problem = None
                 backoff = 0.1
                 while not self._stopping():
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)

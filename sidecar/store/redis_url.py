@@ -1,4 +1,4 @@
-"""Redis store URLs: ``redis://``, ``rediss://`` and ``unix://``, with ``?key=NAME``; the password never shown."""
+"""Redis store URLs: ``redis://``, ``rediss://`` and ``unix://``, with ``?key=NAME`` and ``?lock_ttl=SECONDS``; the password never shown."""
 
 from __future__ import annotations
 
@@ -10,16 +10,23 @@ from yarl import URL
 from sidecar.errors import ConfigError
 
 SCHEMES = ("redis", "rediss", "unix")
+# The refresh lock's TTL (renewed every third of it while a refresh runs): long
+# enough for a slow token endpoint, short enough that a stalled holder is
+# taken over soon.
+DEFAULT_LOCK_TTL = 10.0
+LOCK_TTL_RANGE = (0.5, 300.0)
+OWN_PARAMETERS = ("key", "lock_ttl")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RedisLocation:
-    """Where one login lives: the server's URL (``key`` removed), the login's name, and a printable form."""
+    """Where one login lives: the server's URL (sidecar's own parameters removed), the login's name, a printable form."""
 
     url: str = dataclasses.field(repr=False)
     name: str
     shown: str
+    lock_ttl: float = DEFAULT_LOCK_TTL
 
 
 def is_redis_url(text: str) -> bool:
@@ -60,8 +67,22 @@ def parse_redis_url(text: str) -> RedisLocation:
     name = url.query.get("key", "default")
     if not _NAME.fullmatch(name):
         raise ConfigError(f"store: {shown}: key must be 1-64 letters, digits, '_', '.' or '-'")
-    plain = str(url.without_query_params("key") if "key" in url.query else url)
+    lock_ttl = _lock_ttl(url.query.get("lock_ttl"), shown)
+    plain = str(url.without_query_params(*OWN_PARAMETERS))
     shown = masked(plain)
     if scheme == "unix":
         plain = shown = "unix://" + url.path  # yarl writes unix:/path; redis-py wants unix:///path
-    return RedisLocation(plain, name, shown + ("" if name == "default" else f" (login {name})"))
+    return RedisLocation(plain, name, shown + ("" if name == "default" else f" (login {name})"), lock_ttl)
+
+
+def _lock_ttl(text: str | None, shown: str) -> float:
+    if text is None:
+        return DEFAULT_LOCK_TTL
+    low, high = LOCK_TTL_RANGE
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:  # also false for nan
+        raise ConfigError(f"store: {shown}: lock_ttl must be a number of seconds from {low:g} to {high:g}")
+    return seconds
