@@ -80,6 +80,8 @@ def test_redis_urls_name_the_login_and_never_show_the_password(url: str, name: s
         ("redis://:pw@h:99999", "not a valid Redis URL"),
         ("redis://h:1/abc", "must be a database number"),
         ("redis://h:1?key=a%20b", "key must be"),
+        ("redis://:pw@h:1?lock_ttl=0.1", "lock_ttl must be"),
+        ("redis://:pw@h:1?lock_ttl=soon", "lock_ttl must be"),
     ],
 )
 def test_malformed_redis_urls_are_config_errors_without_the_password(url: str, message: str) -> None:
@@ -131,6 +133,12 @@ async def test_a_new_record_starts_at_a_time_based_generation(
     assert first >= before and int(str((await store.read()).version)) == first + 1
 
 
+def test_lock_ttl_is_a_url_parameter_kept_out_of_the_server_url() -> None:
+    location = parse_redis_url("redis://:pw@127.0.0.1:6379/0?key=team&lock_ttl=2.5")
+    assert location.lock_ttl == 2.5 and "lock_ttl" not in location.url and "key=" not in location.url
+    assert parse_redis_url("redis://127.0.0.1").lock_ttl == 10.0
+
+
 # -- the lock ------------------------------------------------------------
 
 
@@ -151,6 +159,25 @@ async def test_a_holder_past_its_ttl_loses_the_lock_and_its_late_write_is_refuse
     with pytest.raises(StoreConflict):
         await (await one.begin_write(stale)).commit(PAIR)  # the stalled holder wakes and writes: refused
     assert (await one.read()).pair == OTHER
+
+
+async def test_a_holder_whose_lock_was_taken_over_is_stopped_before_it_spends(
+    redis_server: RedisServer, stores: list[RedisStore]
+) -> None:
+    """The fence in begin_write: a holder that stalled past its TTL learns it before spending the refresh token."""
+    one, two = open_on(redis_server, stores, lock_ttl=0.3), open_on(redis_server, stores)
+    await put(one, PAIR)
+    async with one.refresh_lock(2.0):
+        version = (await one.read()).version
+        redis_server.command("SET", one.lock_key, "someone-else 0", "PX", "200")  # its TTL passed; another took it
+        with pytest.raises(StoreConflict, match="taken over"):
+            await one.begin_write(version)
+    async with two.refresh_lock(2.0):
+        stale = (await two.read()).version
+        await put(one, OTHER)  # a write outside this holder's read
+        with pytest.raises(StoreConflict, match="changed since it was read"):
+            await two.begin_write(stale)
+        assert await two.begin_write((await two.read()).version) is not None
 
 
 async def test_the_watchdog_keeps_a_live_holders_lock_past_its_ttl(
