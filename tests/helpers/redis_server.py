@@ -20,15 +20,16 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process; ``stop``/``start`` keep its port, ``flush`` forgets its data."""
+    """One redis-server process; ``stop``/``start`` keep its port (and, with ``appendonly``, its data)."""
 
-    def __init__(self, directory: Path, password: str | None = None) -> None:
+    def __init__(self, directory: Path, password: str | None = None, *, appendonly: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: apt-get install -y redis-server (.ci/run installs it)")
         self.binary = binary
         self.directory = directory
         self.password = password
+        self.appendonly = appendonly
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -39,7 +40,8 @@ class RedisServer:
 
     def start(self) -> None:
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
-        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+        argv += ["--save", "", "--daemonize", "no", "--loglevel", "warning"]
+        argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         if self.password:
             argv += ["--requirepass", self.password]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
