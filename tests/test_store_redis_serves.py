@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,22 +183,24 @@ async def test_three_serves_under_traffic_through_five_expiries_refresh_once_eac
                 status, token = await echo(*running[index])
                 seen[index].append((time.monotonic(), status, token))
 
+        def refreshes_reach(count: int) -> Callable[[], bool]:
+            return lambda: cloud.refresh_ok == count
+
+        def serve_uses(index: int, token: str) -> Callable[[], bool]:
+            return lambda: any(seen_token == token for _, _, seen_token in seen[index])
+
         loops = [asyncio.ensure_future(traffic(i)) for i in range(len(running))]
         lags: list[float] = []
         try:
             for expiry in range(1, 6):
                 clock.advance(cloud.access_ttl + 1)  # every access token issued so far has expired
-                await poll_until(lambda n=expiry: cloud.refresh_ok == n, 10, f"rotation {expiry}")
+                await poll_until(refreshes_reach(expiry), 10, f"rotation {expiry}")
                 rotated_at = time.monotonic()
                 pair = await stored_pair(url)
                 assert pair is not None
                 new = f"Bearer {pair.access_token}"
                 for index in range(len(running)):
-                    await poll_until(
-                        lambda i=index, token=new: any(t == token for _, _, t in seen[i]),
-                        5,
-                        f"serve {index} using rotation {expiry}",
-                    )
+                    await poll_until(serve_uses(index, new), 5, f"serve {index} using rotation {expiry}")
                     first = min(at for at, _, t in seen[index] if t == new)
                     lags.append(first - rotated_at)
         finally:
