@@ -370,7 +370,7 @@ def test_a_provided_key_file_is_read_never_written(tmp_path: Path) -> None:
     """A Secret's key (SIDECAR_CLIENT_KEY_SECRET_FILE) is used as is: missing is an error, rotate refuses."""
     path = tmp_path / "secret" / "client-key"
     file = key_file(str(tmp_path / "tokens.json"), {SECRET_FILE_VARIABLE: str(path)})
-    assert file.provided and file.path == path
+    assert isinstance(file, KeyFile) and file.provided and file.path == path
     with pytest.raises(KeyFileError, match="does not exist"):
         file.ensure()
     path.parent.mkdir()
@@ -383,10 +383,13 @@ def test_a_provided_key_file_is_read_never_written(tmp_path: Path) -> None:
 
 
 def test_key_file_is_beside_the_store_unless_a_secret_is_named(tmp_path: Path) -> None:
-    """``<store>.client-key`` for a file store; a store URL needs the variable."""
-    assert key_file("/var/lib/sidecar/tokens.json", {}).path == Path("/var/lib/sidecar/tokens.json.client-key")
-    with pytest.raises(KeyFileError, match=SECRET_FILE_VARIABLE):
-        key_file("redis://cache:6379/0", {})
+    """``<store>.client-key`` for a file store, the login's record for a Redis store; a named Secret wins."""
+    beside = key_file("/var/lib/sidecar/tokens.json", {})
+    assert isinstance(beside, KeyFile) and beside.path == Path("/var/lib/sidecar/tokens.json.client-key")
+    assert (
+        key_file("redis://:pw@cache:6379/0?key=team", {}).where
+        == "the record of redis://:***@cache:6379/0 (login team)"
+    )
     assert key_file("redis://cache:6379/0", {SECRET_FILE_VARIABLE: "/run/secrets/k"}).provided
 
 
@@ -470,6 +473,6 @@ def test_status_names_the_key_file_only_when_keys_are_on(tmp_path: Path) -> None
     """The key file's path (never its content) appears when client_key is optional or required."""
     file = KeyFile(tmp_path / "k")
     key = file.ensure().decode()
-    on = describe_policy(resolve(), "required", None, "127.0.0.1:1", file)
+    on = describe_policy(resolve(), "required", None, "127.0.0.1:1", file.where)
     assert on["clientKeyFile"] == str(file.path) and key not in repr(on) + describe_line(on)
-    assert describe_policy(resolve(), "off", None, "127.0.0.1:1", file)["clientKeyFile"] is None
+    assert describe_policy(resolve(), "off", None, "127.0.0.1:1", file.where)["clientKeyFile"] is None

@@ -22,7 +22,7 @@ from helpers.serving import running_serve, status_of
 
 from sidecar.errors import ConfigError, StoreConflict, StoreError, StoreLockTimeout
 from sidecar.mockcloud import MockCloud
-from sidecar.store.interface import TokenStore, write_pair
+from sidecar.store.interface import StoreSnapshot, TokenStore, write_pair
 from sidecar.store.redis_store import RedisStore
 from sidecar.store.redis_url import parse_redis_url
 from sidecar.tokens import TokenPair
@@ -137,6 +137,22 @@ def test_lock_ttl_is_a_url_parameter_kept_out_of_the_server_url() -> None:
     location = parse_redis_url("redis://:pw@127.0.0.1:6379/0?key=team&lock_ttl=2.5")
     assert location.lock_ttl == 2.5 and "lock_ttl" not in location.url and "key=" not in location.url
     assert parse_redis_url("redis://127.0.0.1").lock_ttl == 10.0
+
+
+async def test_the_client_key_field_survives_writes_and_a_clear_and_is_no_pair(
+    redis_server: RedisServer, stores: list[RedisStore]
+) -> None:
+    store = open_on(redis_server, stores)
+    key = await store.client_key("k" * 43)
+    assert key == "k" * 43 and await store.client_key("other" * 9) == key  # made once
+    assert await store.read() == StoreSnapshot(None, None, None)  # only the key: nothing stored
+    await put(store, PAIR)
+    await put(store, OTHER)
+    assert (await store.read()).pair == OTHER and await store.current_client_key() == key
+    assert await store.clear() is True
+    assert await store.read() == StoreSnapshot(None, None, None)
+    assert await store.current_client_key() == key
+    assert await store.clear() is False
 
 
 # -- the lock ------------------------------------------------------------

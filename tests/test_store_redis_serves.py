@@ -384,3 +384,63 @@ async def test_redis_killed_mid_traffic_and_restarted(cloud: MockCloud, tmp_path
                 assert "Traceback" not in served.stderr
     finally:
         server.stop()
+
+
+# -- the client key in the login's record (SPEC §9) -------------------------------------
+
+
+async def keyed_echo(served: Served, session: aiohttp.ClientSession, headers: dict[str, str]) -> tuple[int, str]:
+    async with session.get(served.base_url + ECHO, headers=headers) as response:
+        return response.status, await response.text()
+
+
+async def test_the_client_key_lives_in_the_redis_record_shared_by_every_serve(cloud: MockCloud, tmp_path: Path) -> None:
+    """One key for every serve on the login; ``--rotate`` reaches them all within a second; it outlives a logout
+    and a Redis that lost its data (a serve plants the key it knows again)."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    try:
+        url = server.url("team")
+        await seed(url, login_of(cloud))
+        env = child_env(tmp_path / "xdg", SIDECAR_STORE=url, SIDECAR_LOG_LEVEL="warning", SIDECAR_CLIENT_KEY="required")
+        async with serves(env, 2) as running:
+            printed = await run_sidecar(env, "client-key")
+            assert printed.code == 0, printed.err
+            key = printed.out.strip()
+            assert server.command("HGET", "sidecar:{team}:pair", "clientKey").decode().split("\r\n")[1] == key
+            for served, session in running:
+                assert (await keyed_echo(served, session, {}))[0] == 403
+                status, body = await keyed_echo(served, session, {"Authorization": f"Bearer {key}"})
+                assert status == 200 and key not in body  # replaced by the real token
+                async with session.get(served.base_url + "/_sidecar/status") as response:
+                    text = await response.text()
+                assert key not in text and "the record of redis://127.0.0.1" in text
+            rotated = await run_sidecar(env, "client-key", "--rotate")
+            assert rotated.code == 0 and key not in rotated.err
+            new = rotated.out.strip()
+
+            async def old_refused_everywhere() -> bool:
+                answers = [(await keyed_echo(*one, {"X-Sidecar-Key": key}))[0] for one in running]
+                return answers == [403, 403]
+
+            started = time.monotonic()
+            await poll_until(old_refused_everywhere, 5, "every serve refusing the rotated-out key")
+            assert time.monotonic() - started < 1.5
+            assert [(await keyed_echo(*one, {"X-Sidecar-Key": new}))[0] for one in running] == [200, 200]
+
+            assert (await run_sidecar(env, "logout")).code == 0
+            assert (await run_sidecar(env, "client-key")).out.strip() == new  # the key belongs to the login's name
+            server.stop()
+            server.start()  # empty
+            await poll_until(
+                lambda: b"clientKey" in server.command("HKEYS", "sidecar:{team}:pair"),
+                5,
+                "a serve planting the key again",
+            )
+            assert (await run_sidecar(env, "client-key")).out.strip() == new
+            for served, _ in running:
+                assert key not in served.stderr and new not in served.stderr
+    finally:
+        server.stop()

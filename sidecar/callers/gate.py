@@ -21,6 +21,7 @@ from typing import Any, Literal
 from sidecar.callers import peer
 from sidecar.callers.keys import KeyFile, LiveKey, key_file
 from sidecar.callers.policy import KEY_OK, AllowedUsers, KeyVerdict, allow, check_client_key, resolve_allow_users
+from sidecar.callers.redis_key import LiveRedisKey, RedisKey
 from sidecar.config import Settings
 
 log = logging.getLogger("sidecar.callers")
@@ -103,7 +104,7 @@ class CallerGate:
         self,
         allowed: AllowedUsers,
         key_mode: str,
-        key: LiveKey | None,
+        key: LiveKey | LiveRedisKey | None,
         *,
         tcp: peer.TcpLookup | None,
         refusals: RefusalLog | None = None,
@@ -166,6 +167,17 @@ class CallerGate:
             self.key_mode, _header_values(raw_headers, _SIDECAR_KEY), _header_values(raw_headers, _AUTHORIZATION), key
         )
 
+    async def start(self) -> None:
+        """Fetch a key that lives in a shared store and start following it (a file key needs nothing)."""
+        if isinstance(self._key, LiveRedisKey):
+            await self._key.start()
+
+    async def aclose(self) -> None:
+        """Stop following a shared store's key, and close what ``close`` closes."""
+        if isinstance(self._key, LiveRedisKey):
+            await self._key.aclose()
+        self.close()
+
     def close(self) -> None:
         """Release the TCP lookup's netlink socket, if it has one."""
         close = getattr(self._tcp, "close", None)
@@ -175,11 +187,11 @@ class CallerGate:
     # -- status --------------------------------------------------------------------
 
     def describe(self, listen: str) -> dict[str, Any]:
-        return describe_policy(self.allowed, self.key_mode, self._tcp, listen, self._key.file if self._key else None)
+        return describe_policy(self.allowed, self.key_mode, self._tcp, listen, self._key.where if self._key else None)
 
 
 def describe_policy(
-    allowed: AllowedUsers, key_mode: str, tcp: peer.TcpLookup | None, listen: str, key: KeyFile | None
+    allowed: AllowedUsers, key_mode: str, tcp: peer.TcpLookup | None, listen: str, key_where: str | None
 ) -> dict[str, Any]:
     """The caller policy as ``status`` and ``/_sidecar/status`` show it (never the key)."""
     if allowed.everyone:
@@ -194,7 +206,7 @@ def describe_policy(
         "peerCheck": check,
         "unknownPeers": "allowed" if allowed.everyone else "refused",
         "clientKey": key_mode,
-        "clientKeyFile": str(key.path) if key is not None and key_mode != "off" else None,
+        "clientKeyFile": key_where if key_mode != "off" else None,
     }
 
 
@@ -216,7 +228,7 @@ def describe_line(policy: Mapping[str, Any]) -> str:
     return f"{who}; {key}"
 
 
-def resolve_settings(settings: Settings, env: Mapping[str, str]) -> tuple[AllowedUsers, KeyFile | None]:
+def resolve_settings(settings: Settings, env: Mapping[str, str]) -> tuple[AllowedUsers, KeyFile | RedisKey | None]:
     """``allow_users`` as uids and, unless ``client_key`` is off, where the key is (ConfigError if either is bad)."""
     allowed = resolve_allow_users(settings.allow_users, os.geteuid(), user_uid)
     mode = settings.client_key_mode
@@ -243,8 +255,10 @@ def build_gate(
     tests pass one, or None.
     """
     allowed, file = resolve_settings(settings, env)
-    live = None
-    if file is not None:
+    live: LiveKey | LiveRedisKey | None = None
+    if isinstance(file, RedisKey):
+        live = LiveRedisKey(file)  # fetched by start(), in the running loop
+    elif file is not None:
         file.ensure()
         live = LiveKey(file, monotonic=monotonic)
     lookup: peer.TcpLookup | None = None

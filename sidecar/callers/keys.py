@@ -22,8 +22,13 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError
+from sidecar.store.redis_url import is_redis_url
+
+if TYPE_CHECKING:
+    from sidecar.callers.redis_key import RedisKey
 
 log = logging.getLogger("sidecar.callers")
 
@@ -53,12 +58,12 @@ def new_key() -> bytes:
     return secrets.token_urlsafe(KEY_BYTES).encode("ascii")
 
 
-def parse_key(data: bytes, path: Path) -> bytes:
-    """The key in a key file's bytes (surrounding whitespace dropped); KeyFileError if it is not one."""
+def parse_key(data: bytes, where: Path | str) -> bytes:
+    """The key in a key file's (or record's) bytes, surrounding whitespace dropped; KeyFileError if it is not one."""
     key = data.strip()
     if len(key) < MIN_KEY_CHARACTERS or not _KEY_SHAPE.fullmatch(key):
         raise KeyFileError(
-            f"client key file {path} holds no usable key (expected at least {MIN_KEY_CHARACTERS} characters of A-Z a-z 0-9 - . _ ~ + /)"
+            f"client key in {where} is no usable key (expected at least {MIN_KEY_CHARACTERS} characters of A-Z a-z 0-9 - . _ ~ + /)"
         )
     return key
 
@@ -72,6 +77,10 @@ class KeyFile:
 
     def __repr__(self) -> str:
         return f"KeyFile({str(self.path)!r}, provided={self.provided})"
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     def signature(self) -> Signature | None:
         """(inode, mtime, size), or None when there is no file: every atomic replace changes it."""
@@ -180,25 +189,21 @@ def _make_directories(directory: Path) -> None:
             pass
 
 
-def key_file(store: str, env: Mapping[str, str]) -> KeyFile:
-    """Where the client key is: ``SIDECAR_CLIENT_KEY_SECRET_FILE`` if set, else ``<store>.client-key``.
-
-    A store that is not a file (a URL such as ``redis://``) keeps no file
-    beside it: it needs the variable (until such stores keep the key in the
-    login's record, SPEC §9).
-    """
+def key_file(store: str, env: Mapping[str, str]) -> KeyFile | RedisKey:
+    """Where the client key is: ``SIDECAR_CLIENT_KEY_SECRET_FILE`` if set, else ``<store>.client-key``
+    beside a file store, or the login's record in a Redis store (SPEC §9)."""
     provided = env.get(SECRET_FILE_VARIABLE, "").strip()
     if provided:
         return KeyFile(Path(provided).expanduser(), provided=True)
-    if "://" in store:
-        raise KeyFileError(
-            f"client_key: the store {store.split('://', 1)[0]}://... keeps no key file beside it; set {SECRET_FILE_VARIABLE}"
-        )
+    if is_redis_url(store):
+        from sidecar.callers.redis_key import RedisKey
+
+        return RedisKey(store)
     return KeyFile(Path(store + KEY_SUFFIX))
 
 
 class LiveKey:
-    """serve's current key: the file is looked at again at most once every ``RECHECK_SECONDS``.
+    """serve's current key from a file: looked at again at most once every ``RECHECK_SECONDS``.
 
     The file is the truth: a key that is replaced stops working, and one
     that is deleted or damaged leaves no key at all (every request that
@@ -217,6 +222,10 @@ class LiveKey:
         self._problem: str | None = None
         self._next_look = monotonic() + interval
         self._load()
+
+    @property
+    def where(self) -> str:
+        return self.file.where
 
     def current(self) -> bytes | None:
         """The key as of at most ``interval`` seconds ago; None when the file holds none."""

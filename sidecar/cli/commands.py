@@ -171,7 +171,7 @@ def client_key_command(
     file = key_file(settings.store, env)
     key = file.rotate() if rotate else file.ensure()
     if rotate:
-        _say(err, f"made a new client key in {file.path}; a running serve refuses the old one within a second")
+        _say(err, f"made a new client key in {file.where}; a running serve refuses the old one within a second")
     if settings.client_key_mode == "off":
         _say(err, "note: client_key is off, so serve does not ask for this key (set client_key = required)")
     print(key.decode("ascii"), file=out)
@@ -185,7 +185,7 @@ def caller_policy(settings: Settings, env: Mapping[str, str]) -> dict[str, Any]:
     except ConfigError as exc:
         return {"problem": str(exc)}
     lookup = None if allowed.everyone else peer.tcp_lookup()
-    return describe_policy(allowed, settings.client_key_mode, lookup, settings.listen, file)
+    return describe_policy(allowed, settings.client_key_mode, lookup, settings.listen, file.where if file else None)
 
 
 async def status_report(

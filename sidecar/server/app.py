@@ -95,6 +95,8 @@ async def running_sidecar(
     ``env`` (the process environment by default) unless a test passes one.
     """
     gate = callers if callers is not None else build_gate(settings, os.environ if env is None else env)
+    if callers is None:
+        await gate.start()
     outbound = Outbound(settings)
     session = client_session(settings, outbound, proxying=True)
     metrics = Metrics()
@@ -124,7 +126,7 @@ async def running_sidecar(
     finally:
         proxy.close()
         if callers is None:
-            gate.close()  # ours; a test's gate is the test's
+            await gate.aclose()  # ours; a test's gate is the test's
         if background is not None:
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):

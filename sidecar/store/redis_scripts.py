@@ -9,7 +9,7 @@ Cluster can run them.  Numbers cross as strings made with
 from __future__ import annotations
 
 # Write the pair only if its generation is still the one that was read (ARGV[1];
-# "" for "no record").  A new record starts at ARGV[2] (a time-based number, so
+# "" for "no pair"), keeping the client key field.  A new record starts at ARGV[2] (a time-based number, so
 # a Redis that came back empty never repeats an old generation); then +1.
 # ARGV[3..] are field, value pairs.  Returns the new generation, or -1.
 COMPARE_AND_SET = """
@@ -21,8 +21,10 @@ elseif current ~= ARGV[1] then
 end
 local new
 if current then new = string.format('%d', tonumber(current) + 1) else new = ARGV[2] end
+local client_key = redis.call('HGET', KEYS[1], 'clientKey')
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'generation', new, unpack(ARGV, 3))
+if client_key then redis.call('HSET', KEYS[1], 'clientKey', client_key) end
 redis.call('PUBLISH', KEYS[2], new)
 return new
 """
@@ -45,11 +47,21 @@ end
 return 1
 """
 
-# Forget the pair; announce it.  Returns 1 if there was one.
+# Forget the pair (the client key stays: it belongs to the login's name); announce it.
+# Returns 1 if there was a pair.
 CLEAR = """
-local had = redis.call('DEL', KEYS[1])
+local had = redis.call('HEXISTS', KEYS[1], 'generation')
+local client_key = redis.call('HGET', KEYS[1], 'clientKey')
+redis.call('DEL', KEYS[1])
+if client_key then redis.call('HSET', KEYS[1], 'clientKey', client_key) end
 redis.call('PUBLISH', KEYS[2], 'cleared')
 return had
+"""
+
+# The client key (SPEC §9), made from ARGV[1] if there is none yet; KEYS[1] the pair.
+ENSURE_CLIENT_KEY = """
+redis.call('HSETNX', KEYS[1], 'clientKey', ARGV[1])
+return redis.call('HGET', KEYS[1], 'clientKey')
 """
 
 # Take the lock: ARGV[1] "HOLDER DEADLINE_MS", ARGV[2] the TTL in ms.

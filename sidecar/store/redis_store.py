@@ -37,6 +37,9 @@ from sidecar.tokens import TokenPair
 log = logging.getLogger("sidecar.store")
 
 T = TypeVar("T")
+# Fields of the pair's hash that are not the §2 document: the CAS counter and the client key (SPEC §9).
+CLIENT_KEY_FIELD = "clientKey"
+_NOT_PAIR_FIELDS = frozenset({"generation", CLIENT_KEY_FIELD})
 
 
 def _redis_module() -> Any:
@@ -72,7 +75,7 @@ def _fields(pair: TokenPair) -> list[str]:
 def _pair(record: dict[str, str]) -> TokenPair:
     document: dict[str, Any] = {}
     for key, value in record.items():
-        if key == "generation":
+        if key in _NOT_PAIR_FIELDS:
             continue
         document[key] = value if key in KNOWN_FIELDS else orjson.loads(value)
     return parse_store(orjson.dumps(document))
@@ -152,7 +155,7 @@ class RedisStore:
 
     async def read(self) -> StoreSnapshot:
         record: dict[str, str] = await self._call(lambda r: r.hgetall(self.pair_key))
-        if not record:
+        if "generation" not in record:  # nothing, or only the client key
             return StoreSnapshot(None, None, None)
         version = record.get("generation")
         try:
@@ -210,6 +213,18 @@ class RedisStore:
         had = await self._call(lambda r: r.eval(redis_scripts.CLEAR, 2, self.pair_key, self.events))
         self._heard = None
         return bool(had)
+
+    async def client_key(self, new: str) -> str:
+        """The client key kept in the login's record (SPEC §9); ``new`` becomes it if there is none."""
+        key: str = await self._call(lambda r: r.eval(redis_scripts.ENSURE_CLIENT_KEY, 1, self.pair_key, new))
+        return key
+
+    async def current_client_key(self) -> str | None:
+        key: str | None = await self._call(lambda r: r.hget(self.pair_key, CLIENT_KEY_FIELD))
+        return key
+
+    async def replace_client_key(self, new: str) -> None:
+        await self._call(lambda r: r.hset(self.pair_key, CLIENT_KEY_FIELD, new))
 
     @contextlib.asynccontextmanager
     async def refresh_lock(self, timeout: float) -> AsyncIterator[None]:
