@@ -15,13 +15,13 @@ from conftest import FakeClock
 
 from sidecar.callers import peer
 from sidecar.callers.gate import Caller, RefusalLog, describe_line, describe_policy
+from sidecar.callers.key_location import key_file
 from sidecar.callers.keys import (
     KEY_SUFFIX,
     SECRET_FILE_VARIABLE,
     KeyFile,
     KeyFileError,
     LiveKey,
-    key_file,
 )
 from sidecar.callers.policy import (
     AllowedUsers,

@@ -19,7 +19,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Literal
 
 from sidecar.callers import peer
-from sidecar.callers.keys import KeyFile, LiveKey, key_file
+from sidecar.callers.key_location import key_file
+from sidecar.callers.keys import KeyFile, LiveKey
 from sidecar.callers.policy import KEY_OK, AllowedUsers, KeyVerdict, allow, check_client_key, resolve_allow_users
 from sidecar.callers.redis_key import LiveRedisKey, RedisKey
 from sidecar.config import Settings

@@ -20,15 +20,10 @@ import secrets
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sidecar.errors import ConfigError
-from sidecar.store.redis_url import is_redis_url
-
-if TYPE_CHECKING:
-    from sidecar.callers.redis_key import RedisKey
 
 log = logging.getLogger("sidecar.callers")
 
@@ -187,19 +182,6 @@ def _make_directories(directory: Path) -> None:
             os.chmod(path, 0o700)  # mkdir's mode is cut by the umask
         except FileExistsError:
             pass
-
-
-def key_file(store: str, env: Mapping[str, str]) -> KeyFile | RedisKey:
-    """Where the client key is: ``SIDECAR_CLIENT_KEY_SECRET_FILE`` if set, else ``<store>.client-key``
-    beside a file store, or the login's record in a Redis store (SPEC §9)."""
-    provided = env.get(SECRET_FILE_VARIABLE, "").strip()
-    if provided:
-        return KeyFile(Path(provided).expanduser(), provided=True)
-    if is_redis_url(store):
-        from sidecar.callers.redis_key import RedisKey
-
-        return RedisKey(store)
-    return KeyFile(Path(store + KEY_SUFFIX))
 
 
 class LiveKey:

@@ -26,7 +26,7 @@ from sidecar.auth.oidc.userinfo import account
 from sidecar.auth.refresh import make_refresher
 from sidecar.callers import peer
 from sidecar.callers.gate import describe_line, describe_policy, resolve_settings
-from sidecar.callers.keys import key_file
+from sidecar.callers.key_location import key_file
 from sidecar.config import Settings
 from sidecar.egress.outbound import Outbound, Proxies, client_session
 from sidecar.egress.tls import describe_tls_failure
