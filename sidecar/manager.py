@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from sidecar.errors import ConfigError, NotLoggedIn, RefreshDead, RefreshTransient, StoreConflict, StoreError
 from sidecar.following import StoreWatch
+from sidecar.holding import DEAD_REASON, HeldLogin, newer_than, read_or_none, refused_write, save_unsaved
 from sidecar.refreshing import (
     LOCK_TIMEOUT,
     MIN_REFRESH_INTERVAL,
@@ -50,9 +51,6 @@ STORE_CHECK_INTERVAL = 1.0
 # The proactive loop never sleeps longer than this, so it notices a new login
 # or a changed expiry soon.
 PROACTIVE_MAX_SLEEP = 1.0
-
-DEAD_REASON = "the refresh token was rejected; log in again"
-NOT_LOGGED_IN = "not logged in"
 
 
 class TokenManager:
@@ -88,15 +86,12 @@ class TokenManager:
         self._random = random
         self._sleep = sleep
         self._observer = observer
-        self._pair: TokenPair | None = None
-        self._last_api_url: str | None = None
-        self._problem: str | None = None
-        self._version: Version | None = None
+        self._held = HeldLogin()
         self._watch = StoreWatch(
             store,
             interval=STORE_CHECK_INTERVAL,
             monotonic=monotonic,
-            version=lambda: self._version,
+            version=lambda: self._held.version,
             adopt=self._adopt,
             busy=lambda: self._inflight is not None,
         )
@@ -104,25 +99,24 @@ class TokenManager:
         self._backoff_until = 0.0
         self._inflight: asyncio.Task[TokenPair] | None = None
         self._background = refresh_in_background
-        self._unsaved: UnsavedPair | None = None
-        self.rejections = RejectionCooldown(clock, lambda: self._pair.access_token if self._pair else None)
+        self.rejections = RejectionCooldown(clock, lambda: self._held.pair.access_token if self._held.pair else None)
 
     # -- what callers use -------------------------------------------------
 
     @property
     def pair(self) -> TokenPair | None:
         """The pair in memory (callers must not print its tokens); no I/O."""
-        return self._pair
+        return self._held.pair
 
     @property
     def api_url(self) -> str | None:
         """The apiUrl of the current pair, or of the last one (for re-login hints)."""
-        return self._pair.api_url if self._pair is not None and self._pair.api_url else self._last_api_url
+        return self._held.api_url
 
     @property
     def problem(self) -> str | None:
         """Why there is no usable pair, if there is none."""
-        return self._problem if self._pair is None else None
+        return self._held.problem
 
     @property
     def store_problem(self) -> str | None:
@@ -141,10 +135,10 @@ class TokenManager:
         dead.  On a transient failure the stale token is returned if there is
         one; otherwise RefreshTransient is raised.
         """
-        await self._watch.follow(holding_pair=self._pair is not None)
-        pair = self._pair
+        await self._watch.follow(holding_pair=self._held.pair is not None)
+        pair = self._held.pair
         if pair is None:
-            raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
+            raise self._held.not_logged_in()
         now = self._clock()
         state = token_state(pair, now, self.leeway, margin=STILL_VALID_MARGIN)
         if state is TokenState.FRESH:
@@ -159,7 +153,7 @@ class TokenManager:
         try:
             pair = await self._shared_refresh(rejected=None, force=False)
         except RefreshTransient:
-            return self._stale_or_raise(self._pair or pair, self._clock())
+            return self._stale_or_raise(self._held.pair or pair, self._clock())
         return token_of(pair)
 
     async def token_rejected(self, token: str) -> str:
@@ -170,40 +164,40 @@ class TokenManager:
         in ``rejections``.  Raises NotLoggedIn, or RefreshTransient (with
         ``retry_after``) while the token endpoint is failing.
         """
-        await self._watch.follow(holding_pair=self._pair is not None)
+        await self._watch.follow(holding_pair=self._held.pair is not None)
         for refreshes in range(2):
-            pair = self._pair
+            pair = self._held.pair
             if pair is None:
-                raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
+                raise self._held.not_logged_in()
             if pair.access_token is not None and pair.access_token != token:
                 return self.rejections.handed_out(pair.access_token, forced=refreshes > 0)
             now = self._clock()
             if self._inflight is None and now < self._backoff_until:
                 raise RefreshTransient(self.stats.last_error or "refresh failing", self._backoff_until - now)
             await self._shared_refresh(rejected=token, force=True)
-        if self._pair is None:
-            raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
-        return self.rejections.handed_out(token_of(self._pair), forced=True)
+        if self._held.pair is None:
+            raise self._held.not_logged_in()
+        return self.rejections.handed_out(token_of(self._held.pair), forced=True)
 
     async def force_refresh(self) -> str:
         """Refresh now, whatever the expiry (``sidecar token --force-refresh``)."""
-        await self._watch.follow(holding_pair=self._pair is not None)
-        if self._pair is None:
-            raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
+        await self._watch.follow(holding_pair=self._held.pair is not None)
+        if self._held.pair is None:
+            raise self._held.not_logged_in()
         return token_of(await self._shared_refresh(rejected=None, force=True))
 
     def next_refresh_at(self) -> float | None:
         """When the proactive loop will next refresh, in epoch seconds."""
-        if self._pair is None:
+        if self._held.pair is None:
             return None
-        due = refresh_due_at(self._pair, self.leeway)
+        due = refresh_due_at(self._held.pair, self.leeway)
         due = self._clock() if due is None else due
         return max(due, self._backoff_until)
 
     async def run_proactive(self) -> None:
         """Refresh at expiry minus leeway for as long as it runs (until cancelled)."""
         while True:
-            await self._watch.follow(holding_pair=self._pair is not None, always=True)
+            await self._watch.follow(holding_pair=self._held.pair is not None, always=True)
             delay = PROACTIVE_MAX_SLEEP
             due = self.next_refresh_at()
             if due is not None:
@@ -264,13 +258,13 @@ class TokenManager:
         snapshot = await self.store.read()
         self._adopt(snapshot)
         expected = snapshot.version
-        if self._unsaved is not None:
-            pair: TokenPair | None = self._unsaved.pair
-            expected = await self._save_unsaved(expected)
+        if self._held.unsaved is not None:
+            pair: TokenPair | None = self._held.unsaved.pair
+            expected = await save_unsaved(self.store, self._held, expected)
         else:
             pair = snapshot.pair
         if pair is None:
-            raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
+            raise self._held.not_logged_in()
         now = self._clock()
         if not still_needs_refresh(pair, now, self.leeway, force=force, rejected=rejected):
             return pair  # another process rotated the pair while we waited for the lock
@@ -318,9 +312,7 @@ class TokenManager:
             saved = False
         if saved:
             self.stats.last_error = None
-        self._problem = None
-        self._failures = 0
-        self._backoff_until = 0.0
+        self._failures, self._backoff_until = 0, 0.0
         after = self._clock()
         if needs_refresh(new_pair, after, self.leeway):
             # A grant without a usable expiry (or already expired, by a
@@ -340,50 +332,36 @@ class TokenManager:
         """Hold ``new_pair`` and save it; whether the store took it.  ``spent`` is used up either way:
         an unsaved pair lives in memory, is never overridden by the stale store, and is saved on the next refresh.
         StoreConflict (another write landed first) is the caller's to settle."""
-        self._pair = new_pair
+        self._held.refreshed(new_pair)
         try:
-            self._version = await pending.commit(new_pair)
+            self._held.version = await pending.commit(new_pair)
             return True
         except StoreConflict:
             raise
         except StoreError as exc:
             log.error("refreshed, but %s; the new login lives only in memory until it can be saved", exc)
             self.stats.last_error = str(exc)
-            self._unsaved = UnsavedPair(new_pair, spent_refresh_token=spent)
+            self._held.unsaved = UnsavedPair(new_pair, spent_refresh_token=spent)
             return False
 
     async def _newer_in_store(self, pair: TokenPair) -> TokenPair | None:
-        """What the store holds if it is no longer ``pair`` (a login, an import or another process landed); adopted."""
-        try:
-            snapshot = await self.store.read()
-        except StoreError:
-            return None
-        if snapshot.pair is None or snapshot.pair.refresh_token == pair.refresh_token:
-            return None
-        self._adopt(snapshot)
-        return snapshot.pair
+        """What the store holds if it is no longer ``pair``; adopted."""
+        snapshot = await read_or_none(self.store)
+        newer = newer_than(snapshot, pair)
+        if snapshot is not None and newer is not None:
+            self._adopt(snapshot)
+        return newer
 
     async def _lost_the_race(self, new_pair: TokenPair, *, spent: str) -> TokenPair:
-        """Our refresh worked, but the compare-and-set refused its pair: another write landed first.
-
-        What landed (another sidecar's rotation, a login, an import, a
-        logout) wins; ours is kept in memory only if the store cannot be read
-        or still holds the token we spent, and is then saved later.
-        """
-        unsaved = UnsavedPair(new_pair, spent_refresh_token=spent)
-        try:
-            snapshot = await self.store.read()
-        except StoreError as exc:
-            snapshot = None
-            log.error("refreshed, but %s; the new login lives only in memory until it can be saved", exc)
-        if snapshot is None or not unsaved.superseded_by(snapshot.pair):
-            self._unsaved = unsaved
+        """The compare-and-set refused our refreshed pair: what landed first wins, unless it is the spent token."""
+        snapshot, theirs_wins = await refused_write(self.store, new_pair, spent=spent)
+        if snapshot is None or not theirs_wins:
+            self._held.unsaved = UnsavedPair(new_pair, spent_refresh_token=spent)
             return new_pair
-        log.warning("refreshed, but another write reached the token store first; using what it holds")
         self._adopt(snapshot)
-        if self._pair is None:
-            raise NotLoggedIn(self._problem or NOT_LOGGED_IN)
-        return self._pair
+        if self._held.pair is None:
+            raise self._held.not_logged_in()
+        return self._held.pair
 
     async def _handle_dead(self, pair: TokenPair, reason: str) -> TokenPair:
         newer = await self._newer_in_store(pair)
@@ -397,9 +375,7 @@ class TokenManager:
             await self.store.clear()
         except StoreError as exc:
             log.error("%s", exc)
-        self._pair = None
-        self._problem = DEAD_REASON
-        self._version = None
+        self._held.dead()
         raise NotLoggedIn(DEAD_REASON)
 
     def _transient(self, reason: str) -> RefreshTransient:
@@ -419,42 +395,6 @@ class TokenManager:
 
     # -- following the store ----------------------------------------------
 
-    async def _save_unsaved(self, expected: Version | None) -> Version | None:
-        """Write the pair that could not be saved before; returns the version the store is now at."""
-        unsaved = self._unsaved
-        if unsaved is None:
-            return expected
-        try:
-            pending = await self.store.begin_write(expected)
-            version = await pending.commit(unsaved.pair)
-        except StoreError as exc:
-            log.error("%s; the refreshed login still lives only in memory", exc)
-            return expected
-        log.info("saved the refreshed login that could not be written before")
-        self._unsaved = None
-        self._version = version
-        return version
-
     def _adopt(self, snapshot: StoreSnapshot) -> None:
-        self._version = snapshot.version
-        if self._unsaved is not None:
-            if not self._unsaved.superseded_by(snapshot.pair):
-                return  # the store still holds the token we spent: ours is newer
-            self._unsaved = None
-        if snapshot.pair is None:
-            self._pair = None
-            if snapshot.problem is not None:
-                if snapshot.problem != self._problem:
-                    log.warning("%s; treating as logged out", snapshot.problem)
-                self._problem = snapshot.problem
-            elif self._problem != DEAD_REASON:
-                self._problem = NOT_LOGGED_IN
-            return
-        if self._pair is None or snapshot.pair.refresh_token != self._pair.refresh_token:
-            # A new login or another process's rotation: failures of the old
-            # pair say nothing about this one.
-            self._failures = 0
-            self._backoff_until = 0.0
-        self._pair = snapshot.pair
-        self._last_api_url = snapshot.pair.api_url or self._last_api_url
-        self._problem = None
+        if self._held.adopt(snapshot):  # another login or rotation: the old pair's failures say nothing of it
+            self._failures, self._backoff_until = 0, 0.0

@@ -82,6 +82,7 @@ def test_redis_urls_name_the_login_and_never_show_the_password(url: str, name: s
         ("redis://h:1?key=a%20b", "key must be"),
         ("redis://:pw@h:1?lock_ttl=0.1", "lock_ttl must be"),
         ("redis://:pw@h:1?lock_ttl=soon", "lock_ttl must be"),
+        ("redis://:pw@h:1?replicas=-1", "replicas must be"),
     ],
 )
 def test_malformed_redis_urls_are_config_errors_without_the_password(url: str, message: str) -> None:
@@ -299,6 +300,34 @@ async def test_a_wrong_password_is_a_one_line_store_error(tmp_path: Path) -> Non
     finally:
         await store.aclose()
         server.stop()
+
+
+async def test_replicas_waits_for_a_replica_and_says_when_none_had_the_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``?replicas=1``: WAIT after each write of the pair; fewer acknowledgements than asked is a warning."""
+    (tmp_path / "primary").mkdir()
+    (tmp_path / "replica").mkdir()
+    primary = RedisServer(tmp_path / "primary")
+    primary.start()
+    replica = RedisServer(tmp_path / "replica", replica_of=primary.port)
+    store = RedisStore(parse_redis_url(primary.url() + "?replicas=1"))
+    try:
+        await put(store, PAIR)  # no replica yet
+        assert any("0 of 1 replicas had the new pair" in record.getMessage() for record in caplog.records)
+        replica.start()
+        for _ in range(500):
+            if b"state=online" in primary.command("INFO", "replication"):
+                break
+            await asyncio.sleep(0.01)
+        caplog.clear()
+        await put(store, OTHER)
+        assert not [record for record in caplog.records if "replicas" in record.getMessage()]
+        assert replica.command("HGET", store.pair_key, "refreshToken").endswith(b"rt-2\r\n")
+    finally:
+        await store.aclose()
+        replica.stop()
+        primary.stop()
 
 
 # -- commands on a Redis store ------------------------------------------------

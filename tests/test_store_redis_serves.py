@@ -21,7 +21,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import FakeClock, child_env, free_port, pair_from_cloud, poll_until, run_sidecar, start_sidecar
+from conftest import (
+    FakeClock,
+    child_env,
+    finish,
+    free_port,
+    pair_from_cloud,
+    poll_until,
+    read_lines_until,
+    run_sidecar,
+    start_sidecar,
+)
 from helpers.redis_server import RedisServer, redis_server
 from helpers.serving import ECHO, Served, running_serve, status_of
 
@@ -276,6 +286,30 @@ async def test_an_import_landing_during_a_refresh_is_never_overwritten(
         kept = await stored_pair(url)
         assert kept is not None and kept.refresh_token == landed.refresh_token
         assert await echo(*one) == (200, f"Bearer {landed.access_token}")
+
+
+async def test_a_browser_login_into_a_redis_store_reaches_running_serves(
+    cloud: MockCloud, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """``sidecar login`` (the callback flow) writes to Redis like ``import``; logged-out serves then answer 200."""
+    url = redis_server.url()
+    env = child_env(tmp_path / "xdg", SIDECAR_STORE=url, SIDECAR_LOG_LEVEL="warning")
+    async with serves(env, 2) as running:
+        assert [(await echo(*one))[0] for one in running] == [511, 511]
+        process = await start_sidecar(env, "login", "--no-browser", "--upstream", cloud.base_url)
+        seen = await read_lines_until(process.stderr, "/api/v1/cli/login?", 10, "login's stderr")
+        login_url = next(word for word in seen[-1].split() if "/api/v1/cli/login?" in word)
+        async with aiohttp.ClientSession() as browser, browser.get(login_url) as page:
+            assert page.status == 200
+        run = await finish(process, "".join(seen))
+        assert run.code == 0, run.err
+        pair = await stored_pair(url)
+        assert pair is not None and cloud.access_token_valid(pair.access_token)
+
+        async def both_logged_in() -> bool:
+            return [await echo(*one) for one in running] == [(200, f"Bearer {pair.access_token}")] * 2
+
+        await poll_until(both_logged_in, 5, "both serves using the new login")
 
 
 async def test_an_import_command_during_a_refresh_waits_for_it_and_wins(

@@ -31,7 +31,7 @@ from sidecar.errors import ConfigError, StoreConflict, StoreError, StoreLockTime
 from sidecar.store import redis_scripts
 from sidecar.store.document import KNOWN_FIELDS, parse_store, serialize_store
 from sidecar.store.interface import StoreSnapshot, Version
-from sidecar.store.redis_url import RedisLocation
+from sidecar.store.redis_url import REPLICA_WAIT_MS, RedisLocation
 from sidecar.tokens import TokenPair
 
 log = logging.getLogger("sidecar.store")
@@ -207,7 +207,25 @@ class RedisStore:
         if str(result) == "-1":
             raise StoreConflict(f"token store {self.description} changed since it was read")
         self._heard = str(result)
+        if self._location.replicas:
+            await self._wait_for_replicas(self._location.replicas)
         return str(result)
+
+    async def _wait_for_replicas(self, wanted: int) -> None:
+        """WAIT until ``wanted`` replicas have the write: a failover then cannot lose a just-rotated token."""
+        try:
+            acked = int(await self._call(lambda r: r.execute_command("WAIT", wanted, REPLICA_WAIT_MS)))
+        except StoreError as exc:
+            log.warning("%s; the new pair may not be on a replica yet", exc)
+            return
+        if acked < wanted:
+            log.warning(
+                "token store %s: %d of %d replicas had the new pair within %d ms; a failover now could lose it",
+                self.description,
+                acked,
+                wanted,
+                REPLICA_WAIT_MS,
+            )
 
     async def clear(self) -> bool:
         had = await self._call(lambda r: r.eval(redis_scripts.CLEAR, 2, self.pair_key, self.events))

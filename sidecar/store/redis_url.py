@@ -1,4 +1,4 @@
-"""Redis store URLs: ``redis://``, ``rediss://`` and ``unix://``, with ``?key=NAME`` and ``?lock_ttl=SECONDS``; the password never shown."""
+"""Redis store URLs: ``redis://``, ``rediss://`` and ``unix://``, with ``?key=NAME``, ``?lock_ttl=SECONDS`` and ``?replicas=N``; the password never shown."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ SCHEMES = ("redis", "rediss", "unix")
 # taken over soon.
 DEFAULT_LOCK_TTL = 10.0
 LOCK_TTL_RANGE = (0.5, 300.0)
-OWN_PARAMETERS = ("key", "lock_ttl")
+# ``replicas=N``: after each write of the pair, wait (WAIT, up to this long) until N replicas have it.
+REPLICA_WAIT_MS = 500
+MAX_REPLICAS = 16
+OWN_PARAMETERS = ("key", "lock_ttl", "replicas")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -27,6 +30,7 @@ class RedisLocation:
     name: str
     shown: str
     lock_ttl: float = DEFAULT_LOCK_TTL
+    replicas: int = 0
 
 
 def is_redis_url(text: str) -> bool:
@@ -68,11 +72,15 @@ def parse_redis_url(text: str) -> RedisLocation:
     if not _NAME.fullmatch(name):
         raise ConfigError(f"store: {shown}: key must be 1-64 letters, digits, '_', '.' or '-'")
     lock_ttl = _lock_ttl(url.query.get("lock_ttl"), shown)
+    replicas_text = url.query.get("replicas", "0")
+    if not replicas_text.isdigit() or int(replicas_text) > MAX_REPLICAS:
+        raise ConfigError(f"store: {shown}: replicas must be a whole number from 0 to {MAX_REPLICAS}")
     plain = str(url.without_query_params(*OWN_PARAMETERS))
     shown = masked(plain)
     if scheme == "unix":
         plain = shown = "unix://" + url.path  # yarl writes unix:/path; redis-py wants unix:///path
-    return RedisLocation(plain, name, shown + ("" if name == "default" else f" (login {name})"), lock_ttl)
+    shown += "" if name == "default" else f" (login {name})"
+    return RedisLocation(plain, name, shown, lock_ttl, int(replicas_text))
 
 
 def _lock_ttl(text: str | None, shown: str) -> float:

@@ -22,7 +22,9 @@ def _free_port() -> int:
 class RedisServer:
     """One redis-server process; ``stop``/``start`` keep its port (and, with ``appendonly``, its data)."""
 
-    def __init__(self, directory: Path, password: str | None = None, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, password: str | None = None, *, appendonly: bool = False, replica_of: int | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: apt-get install -y redis-server (.ci/run installs it)")
@@ -30,6 +32,7 @@ class RedisServer:
         self.directory = directory
         self.password = password
         self.appendonly = appendonly
+        self.replica_of = replica_of
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -44,6 +47,8 @@ class RedisServer:
         argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.replica_of is not None:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
