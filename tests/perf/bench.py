@@ -68,6 +68,9 @@ MINIMAL_PROXY = HERE / "minimal_proxy.py"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 LEEWAY = 120.0  # sidecar's default leeway; passed explicitly to the burst sidecar
+# The Redis sidecars' leeway: `sidecar import` stamps obtainedAt = now, and a token is never due
+# before half its lifetime, so a pair due in a few seconds needs a leeway of at most those seconds.
+REDIS_LEEWAY = 2.0
 SMALL_BODY = ("sidecar-bench small body " + "." * 100)[:99] + "!"  # exactly 100 bytes
 assert len(SMALL_BODY) == 100
 
@@ -1558,7 +1561,12 @@ class Bench:
         }
 
     def refreshes_by(self, servers: list[Server]) -> list[Any]:
-        return [self.sidecar_status(s).get("refreshes") for s in servers]
+        """Successful refreshes each sidecar made so far (its /_sidecar/status)."""
+        out = []
+        for server in servers:
+            refreshes = self.sidecar_status(server).get("refreshes")
+            out.append(refreshes.get("ok") if isinstance(refreshes, dict) else refreshes)
+        return out
 
     def run_redis(self) -> None:
         """Four sidecars on one Redis login (one refresh for all), Redis vs file store, Redis commands per request."""
@@ -1591,7 +1599,7 @@ class Bench:
         before = self.mock_stats()["refresh_calls"]
         self.import_pair(url, self.env, "at_bench_redis_expired", self.tokens["redis_expired"], iso(time.time() - 60))
         spawned = [
-            self.spawn_sidecar(f"sidecar-redis{i + 1}", url, "--leeway", f"{LEEWAY:g}") for i in range(n_sidecars)
+            self.spawn_sidecar(f"sidecar-redis{i + 1}", url, "--leeway", f"{REDIS_LEEWAY:g}") for i in range(n_sidecars)
         ]
         t0 = time.monotonic()
         for server in spawned:
@@ -1603,13 +1611,20 @@ class Bench:
 
         # 1b. A new pair falls due in the middle of a run on all four: their refreshes race for the lock.
         offset = min(1.5, self.duration * 0.4)
-        due = time.time() + 2.0 + offset  # import (one python start) and wrk start well inside the 2 s
+        lead = max(2.5, REDIS_LEEWAY)  # import (one python start) and wrk start well inside it
+        due = time.time() + lead + offset
         before = self.mock_stats()["refresh_calls"]
-        self.import_pair(url, self.env, "at_bench_redis_due", self.tokens["redis_due"], iso(due + LEEWAY))
-        time.sleep(max(0.0, due - offset - time.time()))
+        mid_total0, mid_calls0 = redis_commands(redis.port)
+        # Lifetime lead + offset + leeway, due after lead + offset: past half of it (see REDIS_LEEWAY).
+        self.import_pair(url, self.env, "at_bench_redis_due", self.tokens["redis_due"], iso(due + REDIS_LEEWAY))
+        wait = due - offset - time.time()
+        if wait < 0:
+            raise BenchError(f"sidecar import into Redis took too long ({-wait:.1f} s late); rerun")
+        time.sleep(wait)
         t_run = time.time()
         mid = self.wrk_spread(spawned, "/small", per_conns, self.duration)
         during_mid = self.mock_stats()["refresh_calls"] - before
+        mid_total1, mid_calls1 = redis_commands(redis.port)
         by_mid = self.refreshes_by(spawned)
         landed = [self.sidecar_status(s).get("lastRefreshAt") for s in spawned]
         times = [parse_iso(x) for x in landed if isinstance(x, str)]
@@ -1751,6 +1766,11 @@ class Bench:
             shown = "-" if per is None else f"{per:.6f}"
             self.say(f"    {label:<34} {cmds:>6} commands / {reqs:>9,} requests = {shown}  {detail or ''}")
         self.say(f"    (during the file-store runs, the idle Redis-store sidecar made {idle} commands)")
+        mid_cmds = command_delta(mid_calls0, mid_calls1)
+        self.say(
+            f"    for comparison, the import and the run where the pair fell due on all {n_sidecars}: "
+            f"{mid_total1 - mid_total0} commands {mid_cmds}; since redis-server started: {total1} (INFO left out)"
+        )
         ok = per_req1 is not None and per_req4 is not None and max(per_req1, per_req4) <= 0.001
         check(
             "Redis commands per proxied request",
@@ -1767,6 +1787,7 @@ class Bench:
                 "by_command": command_delta(calls0, calls1),
             },
             "idle_sidecar_during_file_runs": idle,
+            "import_and_due_run": {"commands": mid_total1 - mid_total0, "by_command": mid_cmds},
         }
         out["checks"] = checks
         self.procs.stop(one)
