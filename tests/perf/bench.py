@@ -3,6 +3,7 @@
 
     python tests/perf/bench.py [--quick] [--duration S] [--runs N] [--json FILE]
                                [--baseline DIR [--compare-runs N] [--only-compare]]
+                               [--redis] [--only-redis]
 
 Starts, in a temp dir: a mock cloud (``python -m sidecar mock-cloud``); an
 upstream nginx serving ``/small`` (100 B), ``/big`` (1 MiB), ``/huge`` (sparse
@@ -33,6 +34,21 @@ is slower beyond it. ``--only-compare`` skips everything else (nginx and
 minimal-proxy references, targets, burst, streaming, workers): with
 ``--quick`` that takes about a minute. Everything is also in ``--json``
 (key ``compare``).
+
+The Redis store case (in the full run when redis-server is on PATH; ``--redis``
+to require it, also with ``--only-compare``; ``--only-redis`` for it alone,
+about 30 s with ``--quick``) starts a throwaway redis-server (``--save ''
+--appendonly no``, free loopback port) and four ``sidecar serve`` on one login
+in it (``--store redis://127.0.0.1:PORT/0?key=bench``, ``--leeway 2``), then:
+a run with wrk -c16 on each of the four at once, the imported pair already
+expired when they started; a second run where a newly imported pair falls due
+on all four mid-run (refresh calls counted by the mock cloud from each import
+to the end of its run: must be 1); file store vs Redis store, one sidecar
+each, GET /small at 64 connections, alternating runs (``--compare-runs``,
+default 3 here), with the ratio Redis/file and the run-to-run spread; and the
+Redis commands per proxied request (``INFO commandstats`` summed over every
+command but INFO, before and after each run, over wrk's request count), for
+the one sidecar and for the four. Everything is in ``--json`` (key ``redis``).
 
 Exit status: 0 when the benchmark ran (whatever the PASS/FAIL lines and the
 verdict say), 1 on an error (missing tool, a server that does not start, a
@@ -1645,7 +1661,7 @@ class Bench:
             f"{self.duration} s per run, wrk -t1 -c{per_conns} on each sidecar at once"
         )
         self.say(
-            f"{'run':<34} {'req/s (sum)':>11} {'p99 (max)':>9} {'errors':>6} {'refresh calls':>13}  refreshes per sidecar"
+            f"{'run':<34} {'req/s (sum)':>11} {'p99 (max)':>9} {'errors':>6} {'refresh calls':>13}  refreshes per sidecar so far"
         )
         for label, r, calls, by in (
             ("expired at start (import..end)", expired, calls_expired, by_expired),
