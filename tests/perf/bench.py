@@ -3,6 +3,7 @@
 
     python tests/perf/bench.py [--quick] [--duration S] [--runs N] [--json FILE]
                                [--baseline DIR [--compare-runs N] [--only-compare]]
+                               [--redis] [--only-redis]
 
 Starts, in a temp dir: a mock cloud (``python -m sidecar mock-cloud``); an
 upstream nginx serving ``/small`` (100 B), ``/big`` (1 MiB), ``/huge`` (sparse
@@ -33,6 +34,21 @@ is slower beyond it. ``--only-compare`` skips everything else (nginx and
 minimal-proxy references, targets, burst, streaming, workers): with
 ``--quick`` that takes about a minute. Everything is also in ``--json``
 (key ``compare``).
+
+The Redis store case (in the full run when redis-server is on PATH; ``--redis``
+to require it, also with ``--only-compare``; ``--only-redis`` for it alone,
+about 30 s with ``--quick``) starts a throwaway redis-server (``--save ''
+--appendonly no``, free loopback port) and four ``sidecar serve`` on one login
+in it (``--store redis://127.0.0.1:PORT/0?key=bench``, ``--leeway 2``), then:
+a run with wrk -c16 on each of the four at once, the imported pair already
+expired when they started; a second run where a newly imported pair falls due
+on all four mid-run (refresh calls counted by the mock cloud from each import
+to the end of its run: must be 1); file store vs Redis store, one sidecar
+each, GET /small at 64 connections, alternating runs (``--compare-runs``,
+default 3 here), with the ratio Redis/file and the run-to-run spread; and the
+Redis commands per proxied request (``INFO commandstats`` summed over every
+command but INFO, before and after each run, over wrk's request count), for
+the one sidecar and for the four. Everything is in ``--json`` (key ``redis``).
 
 Exit status: 0 when the benchmark ran (whatever the PASS/FAIL lines and the
 verdict say), 1 on an error (missing tool, a server that does not start, a
@@ -68,6 +84,9 @@ MINIMAL_PROXY = HERE / "minimal_proxy.py"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 LEEWAY = 120.0  # sidecar's default leeway; passed explicitly to the burst sidecar
+# The Redis sidecars' leeway: `sidecar import` stamps obtainedAt = now, and a token is never due
+# before half its lifetime, so a pair due in a few seconds needs a leeway of at most those seconds.
+REDIS_LEEWAY = 2.0
 SMALL_BODY = ("sidecar-bench small body " + "." * 100)[:99] + "!"  # exactly 100 bytes
 assert len(SMALL_BODY) == 100
 
@@ -192,6 +211,75 @@ def http_request(
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------
+# Redis (a plain RESP client: the bench itself needs no redis-py)
+
+
+class Resp:
+    """One connection to a Redis server speaking RESP2; ``command`` sends one command, returns its reply."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> Resp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def command(self, *args: str) -> Any:
+        out = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self.sock.sendall(b"".join(out))
+        return self._reply()
+
+    def _reply(self) -> Any:
+        line = self.file.readline()
+        if not line.endswith(b"\r\n"):
+            raise BenchError("redis-server closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise BenchError(f"redis-server answered an error: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.file.read(n + 2)
+            return data[:-2].decode(errors="replace")
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._reply() for _ in range(n)]
+        raise BenchError(f"cannot parse a reply of redis-server: {line[:80]!r}")
+
+
+def redis_commands(port: int) -> tuple[int, dict[str, int]]:
+    """Commands redis-server has run so far, INFO itself left out: (total, calls per command)."""
+    with Resp(port) as r:
+        text = r.command("INFO", "commandstats")
+    calls: dict[str, int] = {}
+    for line in str(text).splitlines():
+        m = re.match(r"cmdstat_([^:]+):calls=(\d+)", line)
+        if m and m.group(1) != "info":
+            calls[m.group(1)] = int(m.group(2))
+    return sum(calls.values()), calls
+
+
+def command_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Calls per command between two ``redis_commands`` snapshots (only commands that ran)."""
+    return {k: n - before.get(k, 0) for k, n in sorted(after.items()) if n - before.get(k, 0)}
 
 
 # --------------------------------------------------------------------------
@@ -775,11 +863,15 @@ class Bench:
         self.baseline_env = with_code(env, args.baseline) if args.baseline else None
         self.only_compare: bool = args.only_compare
         self.compare_runs: int = args.compare_runs
+        self.redis_runs: int = args.redis_runs
         self.procs = Processes(workdir, self.server_cpus, self.env)
         self.wrk_path = wrk
         self.wrk = Wrk(wrk, self.client_cpus)
         self.results: dict[str, Any] = {}
-        self.tokens = {name: f"rt_bench_{name}_{os.urandom(8).hex()}" for name in ("seed", "burst", "rtt")}
+        names = ("seed", "burst", "rtt", "redis_expired", "redis_due")
+        self.tokens = {name: f"rt_bench_{name}_{os.urandom(8).hex()}" for name in names}
+        self.only_redis: bool = args.only_redis
+        self.redis_path: str | None = args.redis_server
 
     def say(self, text: str = "") -> None:
         print(text, flush=True)
@@ -826,9 +918,15 @@ class Bench:
         return server
 
     def start_sidecar(
-        self, name: str, store: Path, *extra: str, consecutive: int = 1, env: dict[str, str] | None = None
+        self, name: str, store: Path | str, *extra: str, consecutive: int = 1, env: dict[str, str] | None = None
     ) -> tuple[Server, float]:
         """``python -m sidecar serve`` of this checkout, or of the one ``env`` puts on PYTHONPATH."""
+        server = self.spawn_sidecar(name, store, *extra, env=env)
+        waited = self.procs.wait_ready(server, "/_sidecar/ready", consecutive=consecutive)
+        return server, waited
+
+    def spawn_sidecar(self, name: str, store: Path | str, *extra: str, env: dict[str, str] | None = None) -> Server:
+        """``start_sidecar`` without waiting for /_sidecar/ready; ``store`` is a file or a Redis URL."""
         port = free_port()
         argv = [
             sys.executable,
@@ -845,9 +943,7 @@ class Bench:
             "warning",
             *extra,
         ]
-        server = self.procs.start(name, argv, port, env)
-        waited = self.procs.wait_ready(server, "/_sidecar/ready", consecutive=consecutive)
-        return server, waited
+        return self.procs.start(name, argv, port, env)
 
     def refresh_direct(self, refresh_token: str, conn: http.client.HTTPConnection | None = None) -> dict[str, Any]:
         own = conn is None
@@ -886,6 +982,14 @@ class Bench:
 
     def import_store(self, store: Path, env: dict[str, str]) -> None:
         """``sidecar import`` of the seed pair into ``store``, by the checkout ``env`` runs."""
+        self.import_pair(
+            store, env, self.pair["accessToken"], self.pair["refreshToken"], self.pair["accessTokenExpiresAt"]
+        )
+
+    def import_pair(
+        self, store: Path | str, env: dict[str, str], access_token: str, refresh_token: str, expires_at: str
+    ) -> None:
+        """``sidecar import`` of one pair into ``store`` (a file or a Redis URL), by the checkout ``env`` runs."""
         done = subprocess.run(
             [
                 sys.executable,
@@ -897,11 +1001,11 @@ class Bench:
                 "--upstream",
                 self.upstream_url,
                 "--access-token",
-                self.pair["accessToken"],
+                access_token,
                 "--refresh-token",
-                self.pair["refreshToken"],
+                refresh_token,
                 "--expires-at",
-                self.pair["accessTokenExpiresAt"],
+                expires_at,
             ],
             capture_output=True,
             text=True,
@@ -941,7 +1045,7 @@ class Bench:
             "direct": (self.upstream, None),
             "sidecar": (self.sidecar, self.sidecar),
         }
-        if not self.only_compare:
+        if not self.only_compare and not self.only_redis:
             self.setup_references()
         # Sanity: every target serves both bodies correctly.
         for name, (server, _) in self.targets.items():
@@ -1404,6 +1508,308 @@ class Bench:
             self.say("  note: not pinned; wrk, nginx and the workers share the same CPUs, so the ratio says little.")
         self.results["workers"] = {"runs": runs, "ratio_2_over_1": ratio, "worker_processes": len(kids)}
 
+    # -- Redis store ------------------------------------------------------
+
+    def start_redis(self) -> Server:
+        """A throwaway redis-server on a free loopback port: no persistence, data dir in the workdir."""
+        assert self.redis_path is not None
+        port = free_port()
+        data = self.workdir / "redis"
+        data.mkdir(exist_ok=True)
+        argv = [
+            self.redis_path,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+            "--daemonize",
+            "no",
+        ]
+        server = self.procs.start("redis-server", argv, port)
+        deadline = time.monotonic() + 15
+        while True:
+            rc = server.proc.poll()
+            if rc is not None:
+                raise BenchError(f"redis-server exited with status {rc} while starting; log:\n{server.log_tail()}")
+            try:
+                with Resp(port, timeout=2.0) as r:
+                    if r.command("PING") == "PONG":
+                        return server
+            except (OSError, BenchError):
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"redis-server not answering PING after 15 s; log:\n{server.log_tail()}")
+            time.sleep(0.02)
+
+    def wrk_spread(self, servers: list[Server], path: str, conns: int, duration: int) -> dict[str, Any]:
+        """One wrk per server, all at once (``conns`` connections each); the summed result and each run."""
+        results: list[dict[str, Any] | BaseException] = [RuntimeError("wrk did not run")] * len(servers)
+
+        def one(i: int, server: Server) -> None:
+            try:
+                results[i] = self.wrk.measured(server.port, path, conns, duration, server.tree())
+            except BaseException as exc:  # re-raised below, in the caller's thread
+                results[i] = exc
+
+        threads = [threading.Thread(target=one, args=(i, s), daemon=True) for i, s in enumerate(servers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        runs: list[dict[str, Any]] = []
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+            runs.append(r)
+        p99s = [r["p99_us"] for r in runs if r.get("p99_us") is not None]
+        return {
+            "rps": sum(r["rps"] for r in runs),
+            "requests": sum(r.get("requests") or 0 for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+            "p99_us_max": max(p99s) if p99s else None,
+            "runs": runs,
+        }
+
+    def refreshes_by(self, servers: list[Server]) -> list[Any]:
+        """Successful refreshes each sidecar made so far (its /_sidecar/status)."""
+        out = []
+        for server in servers:
+            refreshes = self.sidecar_status(server).get("refreshes")
+            out.append(refreshes.get("ok") if isinstance(refreshes, dict) else refreshes)
+        return out
+
+    def run_redis(self) -> None:
+        """Four sidecars on one Redis login (one refresh for all), Redis vs file store, Redis commands per request."""
+        n_sidecars, per_conns = 4, 16
+        self.say()
+        self.say(
+            f"== Redis store: {n_sidecars} sidecars on one login (refresh burst, wrk -c{per_conns} on each at once), "
+            f"Redis vs file store, Redis commands per request =="
+        )
+        code = subprocess.run(
+            [sys.executable, "-c", "import redis"], capture_output=True, text=True, env=self.env, cwd=self.workdir
+        )
+        if code.returncode != 0:
+            raise BenchError(f"the Redis store needs redis-py in {sys.executable}: pip install 'sidecar[redis]'")
+        redis = self.start_redis()
+        url = f"redis://127.0.0.1:{redis.port}/0?key=bench"
+        version = "?"
+        with Resp(redis.port) as conn:
+            m = re.search(r"redis_version:(\S+)", str(conn.command("INFO", "server")))
+            version = m.group(1) if m else version
+        self.say(f"  redis-server {version} on 127.0.0.1:{redis.port} (--save '' --appendonly no), store {url}")
+        out: dict[str, Any] = {"redis_version": version, "sidecars": n_sidecars, "connections_each": per_conns}
+        checks: list[dict[str, Any]] = []
+
+        def check(name: str, ok: bool, shown: str) -> None:
+            checks.append({"name": name, "pass": ok, "shown": shown})
+            self.say(f"  {'PASS' if ok else 'FAIL'}  {name}: {shown}")
+
+        # 1a. The pair is already expired when the sidecars start: every one of them wants a refresh at once.
+        before = self.mock_stats()["refresh_calls"]
+        self.import_pair(url, self.env, "at_bench_redis_expired", self.tokens["redis_expired"], iso(time.time() - 60))
+        spawned = [
+            self.spawn_sidecar(f"sidecar-redis{i + 1}", url, "--leeway", f"{REDIS_LEEWAY:g}") for i in range(n_sidecars)
+        ]
+        t0 = time.monotonic()
+        for server in spawned:
+            self.procs.wait_ready(server, "/_sidecar/ready")
+        startup = time.monotonic() - t0
+        expired = self.wrk_spread(spawned, "/small", per_conns, self.duration)
+        calls_expired = self.mock_stats()["refresh_calls"] - before
+        by_expired = self.refreshes_by(spawned)
+
+        # 1b. A new pair falls due in the middle of a run on all four: their refreshes race for the lock.
+        offset = min(1.5, self.duration * 0.4)
+        lead = max(2.5, REDIS_LEEWAY)  # import (one python start) and wrk start well inside it
+        due = time.time() + lead + offset
+        before = self.mock_stats()["refresh_calls"]
+        mid_total0, mid_calls0 = redis_commands(redis.port)
+        # Lifetime lead + offset + leeway, due after lead + offset: past half of it (see REDIS_LEEWAY).
+        self.import_pair(url, self.env, "at_bench_redis_due", self.tokens["redis_due"], iso(due + REDIS_LEEWAY))
+        wait = due - offset - time.time()
+        if wait < 0:
+            raise BenchError(f"sidecar import into Redis took too long ({-wait:.1f} s late); rerun")
+        time.sleep(wait)
+        t_run = time.time()
+        mid = self.wrk_spread(spawned, "/small", per_conns, self.duration)
+        during_mid = self.mock_stats()["refresh_calls"] - before
+        mid_total1, mid_calls1 = redis_commands(redis.port)
+        by_mid = self.refreshes_by(spawned)
+        landed = [self.sidecar_status(s).get("lastRefreshAt") for s in spawned]
+        times = [parse_iso(x) for x in landed if isinstance(x, str)]
+        at = max(times) - t_run if times else None
+
+        # 3a. Steady state on all four: Redis commands per proxied request.
+        total0, calls0 = redis_commands(redis.port)
+        steady4 = self.wrk_spread(spawned, "/small", per_conns, self.duration)
+        total1, calls1 = redis_commands(redis.port)
+        cmds4 = total1 - total0
+        per_req4 = cmds4 / steady4["requests"] if steady4["requests"] else None
+        for server in spawned[1:]:
+            self.procs.stop(server)
+        one = spawned[0]
+
+        self.say(
+            f"  {n_sidecars} sidecars started in parallel, all ready after {startup:.2f} s; "
+            f"{self.duration} s per run, wrk -t1 -c{per_conns} on each sidecar at once"
+        )
+        self.say(
+            f"{'run':<34} {'req/s (sum)':>11} {'p99 (max)':>9} {'errors':>6} {'refresh calls':>13}  refreshes per sidecar so far"
+        )
+        for label, r, calls, by in (
+            ("expired at start (import..end)", expired, calls_expired, by_expired),
+            (f"falls due {offset:g} s into the run", mid, during_mid, by_mid),
+            ("steady (no refresh due)", steady4, None, None),
+        ):
+            self.say(
+                f"{label:<34} {r['rps']:>11,.0f} {fmt_us(r['p99_us_max']):>9} {r['errors']:>6} "
+                f"{'-' if calls is None else calls:>13}  {'-' if by is None else by}"
+            )
+        check(
+            "refresh calls seen by the mock cloud, pair expired when the 4 sidecars started (import through the run)",
+            calls_expired == 1,
+            f"{calls_expired} (must be 1)",
+        )
+        check(
+            "refresh calls seen by the mock cloud, pair falling due during the run on all 4 (import through the run)",
+            during_mid == 1,
+            f"{during_mid} (must be 1); the refresh landed {'?' if at is None else f'{at:.2f} s'} into the run",
+        )
+        out["burst"] = {
+            "startup_s": startup,
+            "expired_at_start": {"run": expired, "refresh_calls": calls_expired, "refreshes_by_sidecar": by_expired},
+            "due_mid_run": {
+                "run": mid,
+                "refresh_calls": during_mid,
+                "refreshes_by_sidecar": by_mid,
+                "offset_s": offset,
+                "landed_s": at,
+            },
+        }
+
+        # 2. Steady-state throughput: one sidecar on the file store vs one on the Redis store, alternating.
+        n = self.redis_runs
+        self.say()
+        self.say(
+            f"  file store vs Redis store, one sidecar each (GET /small, wrk -t1 -c64, {n} x {self.duration} s per side, "
+            f"alternating file, redis, file, ...; after a {self.warmup} s warm-up)"
+        )
+        sides = {"file": self.sidecar, "redis": one}
+        for server in sides.values():
+            self.wrk.run(server.port, "/small", 64, self.warmup)
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+        cmds1, reqs1 = 0, 0
+        per_cmd: dict[str, int] = {}
+        for _ in range(n):
+            for side, server in sides.items():
+                c0, k0 = redis_commands(redis.port)
+                r = self.wrk.measured(server.port, "/small", 64, self.duration, server.tree())
+                c1, k1 = redis_commands(redis.port)
+                r["redis_commands"] = c1 - c0
+                runs[side].append(r)
+                if side == "redis":
+                    cmds1 += c1 - c0
+                    reqs1 += r.get("requests") or 0
+                    for k, v in command_delta(k0, k1).items():
+                        per_cmd[k] = per_cmd.get(k, 0) + v
+        stats: dict[str, dict[str, Any]] = {}
+        for side, rs in runs.items():
+            rps = [r["rps"] for r in rs]
+            avg = statistics.fmean(rps)
+            stats[side] = {
+                "rps": avg,
+                "spread": (max(rps) - min(rps)) / avg if avg else float("inf"),
+                "p99_us": mean([r.get("p99_us") for r in rs]),
+                "cpu_us_per_req": mean([r.get("cpu_us_per_req") for r in rs]),
+                "errors": sum(r["errors"] for r in rs),
+            }
+        ratio = stats["redis"]["rps"] / stats["file"]["rps"] if stats["file"]["rps"] else float("inf")
+        spread = max(s["spread"] for s in stats.values())
+        pair_ratios = [
+            b["rps"] / a["rps"] if a["rps"] else float("inf") for a, b in zip(runs["file"], runs["redis"], strict=True)
+        ]
+        self.say(
+            f"{'store':<8} {'req/s per run':<40} {'mean':>9} {'spread':>7} {'p99':>8} {'CPU us/req':>10} {'errors':>6}"
+        )
+        for side, rs in runs.items():
+            st = stats[side]
+            per_run = " ".join(f"{r['rps']:,.0f}" for r in rs)
+            self.say(
+                f"{side:<8} {per_run:<40} {st['rps']:>9,.0f} {st['spread'] * 100:>6.1f}% {fmt_us(st['p99_us']):>8} "
+                f"{_fmt_cpu(st['cpu_us_per_req']):>10} {st['errors']:>6}"
+            )
+        noise = "within noise" if abs(ratio - 1) <= spread else ("slower beyond noise" if ratio < 1 else "faster")
+        check(
+            "steady state: Redis-store req/s / file-store req/s",
+            ratio >= 0.95,
+            f"{ratio:.3f} (>= 0.95; run-to-run spread {spread * 100:.1f}%, {noise}; "
+            f"run-by-run ratios {', '.join(f'{x:.3f}' for x in pair_ratios)})",
+        )
+        out["throughput"] = {
+            "runs": runs,
+            "file": stats["file"],
+            "redis": stats["redis"],
+            "ratio_redis_over_file": ratio,
+            "spread": spread,
+            "pair_ratios": pair_ratios,
+            "verdict": noise,
+        }
+
+        # 3b. Redis commands per proxied request.
+        per_req1 = cmds1 / reqs1 if reqs1 else None
+        idle = sum(r["redis_commands"] for r in runs["file"])
+        self.say()
+        self.say(
+            "  Redis commands per proxied request (INFO commandstats before and after each run, INFO itself left out):"
+        )
+        for label, cmds, reqs, per, detail in (
+            ("1 sidecar, the redis runs above", cmds1, reqs1, per_req1, per_cmd),
+            (
+                f"{n_sidecars} sidecars, the steady run",
+                cmds4,
+                steady4["requests"],
+                per_req4,
+                command_delta(calls0, calls1),
+            ),
+        ):
+            shown = "-" if per is None else f"{per:.6f}"
+            self.say(f"    {label:<34} {cmds:>6} commands / {reqs:>9,} requests = {shown}  {detail or ''}")
+        self.say(f"    (during the file-store runs, the idle Redis-store sidecar made {idle} commands)")
+        mid_cmds = command_delta(mid_calls0, mid_calls1)
+        self.say(
+            f"    for comparison, the import and the run where the pair fell due on all {n_sidecars}: "
+            f"{mid_total1 - mid_total0} commands {mid_cmds}; since redis-server started: {total1} (INFO left out)"
+        )
+        ok = per_req1 is not None and per_req4 is not None and max(per_req1, per_req4) <= 0.001
+        check(
+            "Redis commands per proxied request",
+            ok,
+            f"1 sidecar {per_req1 if per_req1 is None else f'{per_req1:.6f}'}, {n_sidecars} sidecars "
+            f"{per_req4 if per_req4 is None else f'{per_req4:.6f}'} (<= 0.001)",
+        )
+        out["commands"] = {
+            "one_sidecar": {"commands": cmds1, "requests": reqs1, "per_request": per_req1, "by_command": per_cmd},
+            "four_sidecars": {
+                "commands": cmds4,
+                "requests": steady4["requests"],
+                "per_request": per_req4,
+                "by_command": command_delta(calls0, calls1),
+            },
+            "idle_sidecar_during_file_runs": idle,
+            "import_and_due_run": {"commands": mid_total1 - mid_total0, "by_command": mid_cmds},
+        }
+        out["checks"] = checks
+        self.procs.stop(one)
+        self.procs.stop(redis)
+        self.results["redis"] = out
+
     # -- all --------------------------------------------------------------
 
     def run(self) -> None:
@@ -1420,6 +1826,8 @@ class Bench:
             "baseline": str(self.baseline) if self.baseline else None,
             "compare_runs": self.compare_runs if self.baseline else None,
             "only_compare": self.only_compare,
+            "only_redis": self.only_redis,
+            "redis_runs": self.redis_runs if self.redis_path else None,
         }
         self.say("sidecar loopback benchmark")
         for key, label in (
@@ -1447,7 +1855,9 @@ class Bench:
                 busy = ", ".join(f"{cpu} {pct:.0f}% busy" for cpu, pct in value.items())
                 value = f"{busy} over 1 s before start; loadavg {' '.join(info['loadavg'])}"
             self.say(f"  {label + ':':<20} {value}")
-        if not self.only_compare:
+        if self.redis_path:
+            self.say(f"  {'redis-server:':<20} {self.redis_path}")
+        if not self.only_compare and not self.only_redis:
             self.say(
                 f"  {'runs:':<20} {self.runs} x {self.duration} s per target and case, after a {self.warmup} s warm-up"
             )
@@ -1456,6 +1866,10 @@ class Bench:
         self.say(f"  {'sidecar startup:':<20} {self.sidecar_startup:.2f} s to /_sidecar/ready")
         if self.only_compare:
             self.run_compare()
+            if self.args.redis:
+                self.run_redis()
+        elif self.only_redis:
+            self.run_redis()
         else:
             self.run_cases()
             self.print_targets()
@@ -1464,6 +1878,11 @@ class Bench:
             self.run_burst()
             self.run_streaming()
             self.run_workers()
+            if self.redis_path:
+                self.run_redis()
+            else:
+                self.say()
+                self.say("== Redis store: skipped (no redis-server on PATH; apt-get install redis-server) ==")
         total = time.monotonic() - t0
         self.results["total_seconds"] = total
         self.say()
@@ -1494,16 +1913,30 @@ def main() -> int:
     parser.add_argument(
         "--compare-runs",
         type=int,
-        default=4,
+        default=None,
         metavar="N",
-        help="runs per side and case of the --baseline comparison (at least 2; default 4)",
+        help="runs per side and case of the --baseline comparison (at least 2; default 4) and of the "
+        "file vs Redis store comparison (default 3)",
     )
     parser.add_argument(
         "--only-compare",
         action="store_true",
         help="with --baseline: only the comparison (no nginx/minimal reference, burst, streaming or workers)",
     )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="run the Redis store case (4 sidecars on one login, Redis vs file store, commands per request) and "
+        "fail if redis-server is missing; the full run includes it anyway when redis-server is on PATH",
+    )
+    parser.add_argument(
+        "--only-redis",
+        action="store_true",
+        help="only the Redis store case (no references, targets, burst, streaming or workers)",
+    )
     args = parser.parse_args()
+    if args.only_compare and args.only_redis:
+        parser.error("--only-compare and --only-redis exclude each other (use --only-compare --redis)")
     if args.only_compare and args.baseline is None:
         parser.error("--only-compare needs --baseline DIR")
     if args.baseline is not None:
@@ -1512,7 +1945,8 @@ def main() -> int:
             parser.error(f"--baseline {args.baseline}: no sidecar/__init__.py there (not a checkout of sidecar)")
         if args.baseline == REPO.resolve():
             parser.error("--baseline is this checkout itself")
-    args.compare_runs = max(2, args.compare_runs)
+    args.redis_runs = max(2, args.compare_runs if args.compare_runs is not None else 3)
+    args.compare_runs = max(2, args.compare_runs if args.compare_runs is not None else 4)
     if args.duration is None:
         args.duration = 2 if args.quick else 5
     if args.duration < 1:
@@ -1528,6 +1962,12 @@ def main() -> int:
         return 1
     nginx, wrk, curl = find_tool("nginx"), find_tool("wrk"), find_tool("curl")
     assert nginx and wrk and curl
+    args.redis_server = find_tool("redis-server")
+    if (args.redis or args.only_redis) and args.redis_server is None:
+        print("bench: error: redis-server not found; install with: apt-get install redis-server", file=sys.stderr)
+        return 1
+    if args.only_compare and not args.redis:
+        args.redis_server = None  # --only-compare runs the Redis case only when asked
 
     def on_term(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
