@@ -385,7 +385,11 @@ async def test_four_serves_on_one_expired_redis_login_refresh_once_for_200_reque
     await write_pair(store, lambda _: expired)
     env = child_env(tmp_path / "xdg", SIDECAR_STORE=redis_server.url(), SIDECAR_LOG_LEVEL="warning")
     async with contextlib.AsyncExitStack() as stack:
-        served = [await stack.enter_async_context(running_serve(env, f"127.0.0.1:{free_port()}")) for _ in range(4)]
+        served = [
+            await stack.enter_async_context(running_serve(env, f"127.0.0.1:{free_port()}", ready=False))
+            for _ in range(4)
+        ]
+        await asyncio.gather(*(one.wait_ready() for one in served))
         sessions = [await stack.enter_async_context(one.session()) for one in served]
         statuses = await asyncio.gather(*(status_of(served[i % 4], sessions[i % 4]) for i in range(200)))
         assert statuses == [200] * 200

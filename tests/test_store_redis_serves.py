@@ -43,8 +43,8 @@ from sidecar.tokens import TokenPair
 
 __all__ = ["redis_server"]  # the fixture, imported for pytest
 
-# A short lock TTL, so a stalled holder is taken over within a second.
-FAST_TAKEOVER = "&lock_ttl=1"
+# A short lock TTL, so a stalled holder is taken over within half a second.
+FAST_TAKEOVER = "&lock_ttl=0.5"
 
 
 async def seed(url: str, pair: TokenPair) -> None:
@@ -77,11 +77,12 @@ async def echo(served: Served, session: aiohttp.ClientSession) -> tuple[int, str
 async def serves(env: dict[str, str], count: int) -> AsyncIterator[list[tuple[Served, aiohttp.ClientSession]]]:
     """``count`` running serves on ``env``'s store, each with a client session."""
     async with contextlib.AsyncExitStack() as stack:
-        running = []
-        for _ in range(count):
-            served = await stack.enter_async_context(running_serve(env, f"127.0.0.1:{free_port()}"))
-            running.append((served, await stack.enter_async_context(served.session())))
-        yield running
+        started = [
+            await stack.enter_async_context(running_serve(env, f"127.0.0.1:{free_port()}", ready=False))
+            for _ in range(count)
+        ]
+        await asyncio.gather(*(served.wait_ready() for served in started))  # they start side by side
+        yield [(served, await stack.enter_async_context(served.session())) for served in started]
 
 
 def login_of(cloud: MockCloud) -> TokenPair:
@@ -104,7 +105,7 @@ async def stall_a_holder(
     await poll_until(lambda: cloud.refresh_calls == 1, 10, "A's refresh call reaching the cloud")
     os.kill(a[0].pid, signal.SIGSTOP)
     try:
-        answer_b = await echo(*b)  # B waits out A's lock (1 s TTL, no renewal now), then refreshes
+        answer_b = await echo(*b)  # B waits out A's lock (0.5 s TTL, no renewal now), then refreshes
         assert cloud.refresh_calls == 2
     finally:
         os.kill(a[0].pid, signal.SIGCONT)
@@ -120,7 +121,7 @@ async def test_a_stalled_holder_is_taken_over_and_its_late_write_is_refused(
     await seed(url, login_of(cloud))
     env = child_env(tmp_path / "xdg", SIDECAR_STORE=url, SIDECAR_LOG_LEVEL="warning")
     async with serves(env, 2) as (a, b):
-        in_flight, (status_b, token_b) = await stall_a_holder(cloud, a, b, hang=2.5)
+        in_flight, (status_b, token_b) = await stall_a_holder(cloud, a, b, hang=1.5)
         assert status_b == 200
         status_a, token_a = await in_flight
         assert status_a == 200 and token_a == token_b  # A's own pair was refused; it uses the stored one
@@ -137,7 +138,7 @@ async def test_a_holder_stalled_before_the_cloud_redeemed_its_token_spends_nothi
     """Strict single use: A's call never got through (it timed out); on waking A adopts B's pair: no reuse, all 200."""
     url = redis_server.url("team") + FAST_TAKEOVER
     await seed(url, login_of(cloud))
-    env = child_env(tmp_path / "xdg", SIDECAR_STORE=url, SIDECAR_LOG_LEVEL="warning", SIDECAR_READ_TIMEOUT="2")
+    env = child_env(tmp_path / "xdg", SIDECAR_STORE=url, SIDECAR_LOG_LEVEL="warning", SIDECAR_READ_TIMEOUT="1.2")
     async with serves(env, 2) as (a, b):
         in_flight, (status_b, token_b) = await stall_a_holder(cloud, a, b, hang=3600)
         assert status_b == 200
@@ -158,7 +159,7 @@ async def test_a_stalled_holder_whose_token_the_cloud_redeemed_twice_ends_in_a_c
     await seed(url, login_of(cloud))
     env = child_env(tmp_path / "xdg", SIDECAR_STORE=url, SIDECAR_LOG_LEVEL="warning")
     async with serves(env, 2) as (a, b):
-        in_flight, (status_b, _) = await stall_a_holder(cloud, a, b, hang=2.5)
+        in_flight, (status_b, _) = await stall_a_holder(cloud, a, b, hang=1.5)
         assert status_b == 200
         await in_flight
         assert cloud.chain_revocations == 1

@@ -43,7 +43,7 @@ class RedisServer:
 
     def start(self) -> None:
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
-        argv += ["--save", "", "--daemonize", "no", "--loglevel", "warning"]
+        argv += ["--save", "", "--daemonize", "no", "--loglevel", "warning", "--repl-diskless-sync-delay", "0"]
         argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         if self.password:
             argv += ["--requirepass", self.password]
