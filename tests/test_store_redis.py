@@ -317,7 +317,7 @@ async def test_replicas_waits_for_a_replica_and_says_when_none_had_the_write(
         assert any("0 of 1 replicas had the new pair" in record.getMessage() for record in caplog.records)
         replica.start()
         for _ in range(500):
-            if b"state=online" in primary.command("INFO", "replication"):
+            if primary.replica_acknowledges():
                 break
             await asyncio.sleep(0.01)
         caplog.clear()

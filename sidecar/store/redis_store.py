@@ -203,29 +203,32 @@ class RedisStore:
     async def compare_and_set(self, pair: TokenPair, expected: Version | None) -> Version:
         start = str(int(time.time() * 1000))
         keys_and_args = [self.pair_key, self.events, "" if expected is None else str(expected), start, *_fields(pair)]
-        result = await self._call(lambda r: r.eval(redis_scripts.COMPARE_AND_SET, 2, *keys_and_args))
+        wanted = self._location.replicas
+        if wanted:
+            result, acked = await self._call(lambda r: self._write_and_wait(r, keys_and_args, wanted))
+        else:
+            result = await self._call(lambda r: r.eval(redis_scripts.COMPARE_AND_SET, 2, *keys_and_args))
         if str(result) == "-1":
             raise StoreConflict(f"token store {self.description} changed since it was read")
         self._heard = str(result)
-        if self._location.replicas:
-            await self._wait_for_replicas(self._location.replicas)
-        return str(result)
-
-    async def _wait_for_replicas(self, wanted: int) -> None:
-        """WAIT until ``wanted`` replicas have the write: a failover then cannot lose a just-rotated token."""
-        try:
-            acked = int(await self._call(lambda r: r.execute_command("WAIT", wanted, REPLICA_WAIT_MS)))
-        except StoreError as exc:
-            log.warning("%s; the new pair may not be on a replica yet", exc)
-            return
-        if acked < wanted:
+        if wanted and int(acked) < wanted:
             log.warning(
                 "token store %s: %d of %d replicas had the new pair within %d ms; a failover now could lose it",
                 self.description,
-                acked,
+                int(acked),
                 wanted,
                 REPLICA_WAIT_MS,
             )
+        return str(result)
+
+    @staticmethod
+    async def _write_and_wait(client: Any, keys_and_args: list[str], wanted: int) -> tuple[Any, Any]:
+        """The CAS, then WAIT on the same connection (WAIT counts the replicas that have that client's writes)."""
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.eval(redis_scripts.COMPARE_AND_SET, 2, *keys_and_args)
+            pipe.execute_command("WAIT", wanted, REPLICA_WAIT_MS)
+            result, acked = await pipe.execute()
+        return result, acked
 
     async def clear(self) -> bool:
         had = await self._call(lambda r: r.eval(redis_scripts.CLEAR, 2, self.pair_key, self.events))
@@ -361,6 +364,8 @@ class RedisStore:
                     log.warning(
                         "token store %s: events subscription lost (%s); polling", self.description, _reason(exc)
                     )
+                    # Said at once (ready, status), not after the next poll fails.
+                    self._poll_problem = f"token store {self.description}: {_reason(exc)}"
                 self._listening = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -77,6 +77,18 @@ class RedisServer:
             sock.sendall(_resp(*words))
             return sock.recv(65536)
 
+    def replica_acknowledges(self) -> bool:
+        """A write here, then WAIT 1 on the same connection: whether a replica had it within 100 ms."""
+        with socket.create_connection(("127.0.0.1", self.port), 2) as sock:
+            sock.sendall(_resp("SET", "replication-probe", "1") + _resp("WAIT", "1", "100"))
+            answer = b""
+            while answer.count(b"\r\n") < 2:
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer.endswith(b":1\r\n")
+
 
 def _resp(*words: str) -> bytes:
     parts = [f"*{len(words)}\r\n".encode()]
