@@ -12,11 +12,13 @@ import re
 import shlex
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 from conftest import SIDECAR, clean_env, free_port, kill_running
+from helpers.redis_server import RedisServer
 
 from sidecar.config import KEYS, Settings, load_settings
 
@@ -141,56 +143,125 @@ async def test_container_command_line_serves_and_passes_its_healthcheck(tmp_path
     assert await asyncio.wait_for(check.wait(), 15) == 0
 
 
-def test_compose_example_parses_and_wires_cloud_sidecar_and_client() -> None:
-    """compose.yaml has the mock cloud, the sidecar seeded with a token the cloud knows, and a client."""
-    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    services = compose["services"]
+SHARED_SIDECARS = ("sidecar-a", "sidecar-b")
+
+
+def compose_services(name: str) -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load((ROOT / "docker" / name).read_text())["services"]
+    return services
+
+
+def kubernetes_documents(name: str) -> dict[str, Any]:
+    """The example's documents by kind (each kind appears once)."""
+    documents = list(yaml.safe_load_all((ROOT / "docker" / name).read_text()))
+    kinds = {document["kind"]: document for document in documents}
+    assert len(kinds) == len(documents)
+    return kinds
+
+
+def seed_of(cloud_command: list[str]) -> str:
+    return cloud_command[cloud_command.index("--known-refresh-token") + 1]
+
+
+def test_compose_example_shares_one_redis_login_between_two_sidecars() -> None:
+    """compose.yaml: the mock cloud, a Redis with AOF, two sidecars on one Redis store URL seeded with a token the cloud knows, a client calling both."""
+    services = compose_services("compose.yaml")
+    assert set(services) == {"cloud", "redis", "client", *SHARED_SIDECARS}
+    assert "--appendonly" in services["redis"]["command"]
+    seed = seed_of(services["cloud"]["command"])
+    [store] = {services[name]["environment"]["SIDECAR_STORE"] for name in SHARED_SIDECARS}
+    assert store.startswith("redis://") and "?key=" in store
+    client_command = " ".join(services["client"]["command"])
+    for name in SHARED_SIDECARS:
+        sidecar = services[name]
+        environment = sidecar["environment"]
+        assert environment["SIDECAR_REFRESH_TOKEN"] == seed
+        assert environment["SIDECAR_UPSTREAM"].startswith("http://cloud:")
+        assert name in environment["SIDECAR_ALLOWED_HOSTS"].split(",")
+        assert "--store" not in " ".join(sidecar.get("command", []))  # the password never on a command line
+        assert set(sidecar["depends_on"]) == {"cloud", "redis"}
+        assert name in services["client"]["depends_on"]
+    assert "for s in sidecar-a sidecar-b" in client_command and "http://$$s:8787/" in client_command
+
+
+def test_compose_single_example_keeps_one_login_in_a_file_store_on_a_volume() -> None:
+    """compose.single.yaml: the mock cloud, one sidecar seeded with a token the cloud knows, its store on a volume, a client."""
+    services = compose_services("compose.single.yaml")
     assert set(services) == {"cloud", "sidecar", "client"}
-    cloud_command = services["cloud"]["command"]
-    seed = cloud_command[cloud_command.index("--known-refresh-token") + 1]
     environment = services["sidecar"]["environment"]
-    assert environment["SIDECAR_REFRESH_TOKEN"] == seed
+    assert environment["SIDECAR_REFRESH_TOKEN"] == seed_of(services["cloud"]["command"])
     assert environment["SIDECAR_UPSTREAM"].startswith("http://cloud:")
     assert "sidecar" in environment["SIDECAR_ALLOWED_HOSTS"].split(",")
+    assert "SIDECAR_STORE" not in environment  # the image's default: the file on its volume
     assert any(volume.endswith(":/var/lib/sidecar") for volume in services["sidecar"]["volumes"])
     assert "http://sidecar:8787/" in " ".join(services["client"]["command"])
 
 
-def test_compose_example_checks_the_client_key_not_uids() -> None:
+@pytest.mark.parametrize(
+    ("example", "sidecars"), [("compose.yaml", SHARED_SIDECARS), ("compose.single.yaml", ("sidecar",))]
+)
+def test_compose_examples_check_the_client_key_not_uids(example: str, sidecars: tuple[str, ...]) -> None:
     """Across containers no uid can be seen: compose allows any uid, requires the key, and both sides read it from one secret."""
-    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    sidecar, client = compose["services"]["sidecar"], compose["services"]["client"]
-    environment = sidecar["environment"]
-    assert environment["SIDECAR_ALLOW_USERS"] == "any"
-    assert environment["SIDECAR_CLIENT_KEY"] == "required"
-    [secret] = sidecar["secrets"]
-    assert client["secrets"] == [secret]
-    assert environment["SIDECAR_CLIENT_KEY_SECRET_FILE"] == f"/run/secrets/{secret}"
+    compose = yaml.safe_load((ROOT / "docker" / example).read_text())
+    client = compose["services"]["client"]
+    for name in sidecars:
+        sidecar = compose["services"][name]
+        environment = sidecar["environment"]
+        assert environment["SIDECAR_ALLOW_USERS"] == "any"
+        assert environment["SIDECAR_CLIENT_KEY"] == "required"
+        [secret] = sidecar["secrets"]
+        assert client["secrets"] == [secret]
+        assert environment["SIDECAR_CLIENT_KEY_SECRET_FILE"] == f"/run/secrets/{secret}"
     assert f"X-Sidecar-Key: $$(cat /run/secrets/{secret})" in " ".join(client["command"])
     assert (ROOT / "docker" / compose["secrets"][secret]["file"]).is_file()
 
 
-def test_kubernetes_example_lets_only_the_apps_uid_in() -> None:
+@pytest.mark.parametrize("example", ["kubernetes.yaml", "kubernetes.single.yaml"])
+def test_kubernetes_examples_let_only_the_apps_uid_in(example: str) -> None:
     """In a pod the uids can be seen: the app runs as a fixed uid and allow_users names exactly it."""
-    documents = list(yaml.safe_load_all((ROOT / "docker" / "kubernetes.yaml").read_text()))
-    [deployment] = [document for document in documents if document["kind"] == "Deployment"]
-    pod = deployment["spec"]["template"]["spec"]
+    pod = kubernetes_documents(example)["Deployment"]["spec"]["template"]["spec"]
     [sidecar] = pod["initContainers"]
     [app] = pod["containers"]
     environment = {item["name"]: item.get("value") for item in sidecar["env"]}
     assert environment["SIDECAR_ALLOW_USERS"] == str(app["securityContext"]["runAsUser"])
     assert environment.get("SIDECAR_CLIENT_KEY") in (None, "off")
+    assert environment["SIDECAR_LISTEN"].startswith("127.0.0.1:")  # the pod's loopback only
 
 
-def test_kubernetes_example_is_a_native_sidecar_with_readiness_and_persistent_store() -> None:
-    """kubernetes.yaml runs sidecar as an init container with restartPolicy Always, ready on /_sidecar/ready, store on a PVC."""
-    documents = list(yaml.safe_load_all((ROOT / "docker" / "kubernetes.yaml").read_text()))
-    kinds = {document["kind"]: document for document in documents}
-    assert {"Secret", "PersistentVolumeClaim", "Deployment"} <= set(kinds)
-    pod = kinds["Deployment"]["spec"]["template"]["spec"]
-    [sidecar] = pod["initContainers"]
+@pytest.mark.parametrize("example", ["kubernetes.yaml", "kubernetes.single.yaml"])
+def test_kubernetes_examples_run_a_native_sidecar_ready_on_its_ready_endpoint(example: str) -> None:
+    """Both run sidecar as an init container with restartPolicy Always, ready on /_sidecar/ready, seeded from a Secret."""
+    kinds = kubernetes_documents(example)
+    [sidecar] = kinds["Deployment"]["spec"]["template"]["spec"]["initContainers"]
     assert sidecar["restartPolicy"] == "Always"
     assert "/_sidecar/ready" in " ".join(sidecar["readinessProbe"]["exec"]["command"])
+    [seed] = [item for item in sidecar["env"] if item["name"] == "SIDECAR_REFRESH_TOKEN"]
+    assert seed["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
+
+
+def test_kubernetes_example_scales_rolls_and_is_protected() -> None:
+    """kubernetes.yaml: 3 replicas, RollingUpdate, a PodDisruptionBudget, the store URL from a Secret, Redis with AOF."""
+    kinds = kubernetes_documents("kubernetes.yaml")
+    deployment = kinds["Deployment"]
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert kinds["PodDisruptionBudget"]["spec"]["selector"] == deployment["spec"]["selector"]
+    [sidecar] = deployment["spec"]["template"]["spec"]["initContainers"]
+    [store] = [item for item in sidecar["env"] if item["name"] == "SIDECAR_STORE"]
+    assert store["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
+    assert kinds["Secret"]["stringData"]["url"].startswith("redis://")
+    [redis] = kinds["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    assert "--appendonly" in redis["args"]
+    assert kinds["Service"]["spec"]["selector"] == kinds["StatefulSet"]["spec"]["selector"]["matchLabels"]
+
+
+def test_kubernetes_single_example_keeps_one_pod_and_its_store_on_a_claim() -> None:
+    """kubernetes.single.yaml: one replica, Recreate (never two pods on one refresh token), the store on a PVC."""
+    kinds = kubernetes_documents("kubernetes.single.yaml")
+    spec = kinds["Deployment"]["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    [sidecar] = pod["initContainers"]
     [mount] = sidecar["volumeMounts"]
     [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"]["metadata"]["name"]
@@ -198,37 +269,53 @@ def test_kubernetes_example_is_a_native_sidecar_with_readiness_and_persistent_st
 
 
 async def test_compose_scenario_runs_without_docker(tmp_path: Path, processes: Processes) -> None:
-    """The compose services' command lines, run as processes: the seeded sidecar answers the client with the cloud's user."""
-    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    cloud_port, proxy_port = free_port(), free_port()
-    cloud_args = [arg for arg in compose["services"]["cloud"]["command"]]
+    """compose.yaml's services as processes: a real Redis with its password, two sidecars seeded from the same token,
+    the client (with the key from the secret) answered by both with the cloud's user, and one refresh for both."""
+    services = compose_services("compose.yaml")
+    redis_command = services["redis"]["command"]
+    redis = RedisServer(tmp_path, redis_command[redis_command.index("--requirepass") + 1])
+    redis.start()
+    cloud_port = free_port()
+    cloud_args = list(services["cloud"]["command"])
     cloud_args[cloud_args.index("--host") + 1] = "127.0.0.1"
     cloud_args[cloud_args.index("--port") + 1] = str(cloud_port)
     env = clean_env(XDG_CONFIG_HOME=str(tmp_path))
-    cloud = await processes.start([*SIDECAR, *cloud_args], env)
-    sidecar_env = {**env, **dockerfile_env(), **compose["services"]["sidecar"]["environment"]}
-    # The compose secret, as the file compose would mount at /run/secrets/.
-    [secret] = compose["services"]["sidecar"]["secrets"]
-    secret_file = ROOT / "docker" / compose["secrets"][secret]["file"]
-    sidecar_env.update(
-        SIDECAR_UPSTREAM=f"http://127.0.0.1:{cloud_port}",
-        SIDECAR_STORE=str(tmp_path / "volume" / "tokens.json"),
-        SIDECAR_LISTEN=f"127.0.0.1:{proxy_port}",
-        SIDECAR_CLIENT_KEY_SECRET_FILE=str(secret_file),
-    )
-    await wait_healthy(f"http://127.0.0.1:{cloud_port}/_mock/stats", cloud)
-    server = await processes.start([*SIDECAR, "serve"], sidecar_env)
-    await wait_healthy(f"http://127.0.0.1:{proxy_port}/_sidecar/health", server, host="sidecar")
-    key = secret_file.read_text().strip()
-    async with aiohttp.ClientSession() as client:
-        whoami = f"http://127.0.0.1:{proxy_port}/api/v1/auth/whoami"
-        async with client.get(whoami, headers={"Host": "sidecar:8787"}) as response:
-            assert response.status == 403  # the client key is required
-        async with client.get(whoami, headers={"Host": "sidecar:8787", "X-Sidecar-Key": key}) as response:
-            assert response.status == 200
-            assert (await response.json())["name"] == "alice"
-    stored = json.loads((tmp_path / "volume" / "tokens.json").read_text())
-    assert stored["refreshToken"] != compose["services"]["sidecar"]["environment"]["SIDECAR_REFRESH_TOKEN"]
+    try:
+        cloud = await processes.start([*SIDECAR, *cloud_args], env)
+        await wait_healthy(f"http://127.0.0.1:{cloud_port}/_mock/stats", cloud)
+        # The compose secret, as the file compose would mount at /run/secrets/.
+        [secret] = services["sidecar-a"]["secrets"]
+        secrets = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["secrets"]
+        secret_file = ROOT / "docker" / secrets[secret]["file"]
+        ports = {}
+        for name in SHARED_SIDECARS:
+            ports[name] = free_port()
+            sidecar_env = {**env, **dockerfile_env(), **services[name]["environment"]}
+            sidecar_env.update(
+                SIDECAR_UPSTREAM=f"http://127.0.0.1:{cloud_port}",
+                SIDECAR_STORE=sidecar_env["SIDECAR_STORE"].replace("@redis:6379/", f"@127.0.0.1:{redis.port}/"),
+                SIDECAR_LISTEN=f"127.0.0.1:{ports[name]}",
+                SIDECAR_CLIENT_KEY_SECRET_FILE=str(secret_file),
+            )
+            server = await processes.start([*SIDECAR, "serve"], sidecar_env)
+            await wait_healthy(f"http://127.0.0.1:{ports[name]}/_sidecar/health", server, host=name)
+        key = secret_file.read_text().strip()
+        async with aiohttp.ClientSession() as client:
+            for name, port in ports.items():
+                whoami = f"http://127.0.0.1:{port}/api/v1/auth/whoami"
+                async with client.get(whoami, headers={"Host": f"{name}:8787"}) as response:
+                    assert response.status == 403  # the client key is required
+                async with client.get(whoami, headers={"Host": f"{name}:8787", "X-Sidecar-Key": key}) as response:
+                    assert response.status == 200
+                    assert (await response.json())["name"] == "alice"
+            async with client.get(f"http://127.0.0.1:{cloud_port}/_mock/stats") as response:
+                stats = await response.json()
+        assert stats["refresh_ok"] == 1 and stats["chain_revocations"] == 0
+        seed = services["sidecar-a"]["environment"]["SIDECAR_REFRESH_TOKEN"]
+        stored = redis.command("HGET", "sidecar:{team}:pair", "refreshToken")
+        assert stored.startswith(b"$") and seed.encode() not in stored  # the rotated token, not the spent seed
+    finally:
+        redis.stop()
 
 
 def _readme_block_after(heading: str) -> list[str]:
@@ -256,31 +343,3 @@ def test_readme_test_command_is_what_ci_runs() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert ci_lines[-1] == block.strip()
-
-
-def test_redis_compose_example_shares_one_login_between_two_sidecars() -> None:
-    """compose.redis.yaml: a Redis with AOF and two sidecars naming the same Redis store URL (from the environment)."""
-    compose = yaml.safe_load((ROOT / "docker" / "compose.redis.yaml").read_text())
-    services = compose["services"]
-    assert {"cloud", "redis", "sidecar-a", "sidecar-b", "client"} <= set(services)
-    assert "--appendonly" in services["redis"]["command"]
-    stores = {services[name]["environment"]["SIDECAR_STORE"] for name in ("sidecar-a", "sidecar-b")}
-    [store] = stores
-    assert store.startswith("redis://") and "?key=" in store
-    for name in ("sidecar-a", "sidecar-b"):
-        assert "--store" not in " ".join(services[name].get("command", []))  # never on the command line
-
-
-def test_redis_kubernetes_example_scales_rolls_and_is_protected() -> None:
-    """kubernetes-redis.yaml: 3 replicas, RollingUpdate, a PodDisruptionBudget, the store URL from a Secret, Redis with AOF."""
-    documents = list(yaml.safe_load_all((ROOT / "docker" / "kubernetes-redis.yaml").read_text()))
-    kinds = {document["kind"]: document for document in documents}
-    deployment = kinds["Deployment"]
-    assert deployment["spec"]["replicas"] == 3
-    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
-    assert kinds["PodDisruptionBudget"]["spec"]["selector"] == deployment["spec"]["selector"]
-    [sidecar] = deployment["spec"]["template"]["spec"]["initContainers"]
-    [store] = [item for item in sidecar["env"] if item["name"] == "SIDECAR_STORE"]
-    assert store["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
-    [redis] = kinds["StatefulSet"]["spec"]["template"]["spec"]["containers"]
-    assert "--appendonly" in redis["args"]
