@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -145,8 +146,12 @@ def stored(path: Path) -> TokenPair:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The process environment without SIDECAR_* variables, plus ``extra``."""
+    """The process environment without SIDECAR_* variables, plus ``extra``.
+
+    Python children dump every thread's stack on SIGABRT (faulthandler): ``finish`` shows where a hung one was.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("SIDECAR_")}
+    env["PYTHONFAULTHANDLER"] = "1"
     env.update(extra)
     return env
 
@@ -206,16 +211,30 @@ async def finish(
 ) -> Run:
     """Wait for ``process`` and read the rest of its output (``already``: stderr read before, put in front).
 
-    Kills it and fails the test if it outlives ``timeout``; ``what`` names it in that failure.
+    Fails the test if it outlives ``timeout``, with its stderr and the stacks it dumps on SIGABRT
+    (``clean_env`` turns faulthandler on); ``what`` names it in that failure.
     """
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"{what or f'sidecar process {process.pid}'} did not finish within {timeout} s")
+        pytest.fail(
+            f"{what or f'sidecar process {process.pid}'} did not finish within {timeout} s:\n" + await abort(process)
+        )
     assert process.returncode is not None
     return Run(process.returncode, (out or b"").decode(), already + (err or b"").decode())
+
+
+async def abort(process: asyncio.subprocess.Process) -> str:
+    """Stop a hung child with SIGABRT (its stacks, if it has faulthandler on), then SIGKILL; the end of its stderr."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGABRT)
+    err = b""
+    with contextlib.suppress(TimeoutError):
+        _, err = await asyncio.wait_for(process.communicate(), 5)
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await process.wait()
+    return (err or b"").decode(errors="replace")[-4000:]
 
 
 async def run_sidecar(env: dict[str, str], *args: str, timeout: float = TIMEOUT, umask: int = -1) -> Run:
