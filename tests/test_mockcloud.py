@@ -123,6 +123,17 @@ async def test_a_reuse_grace_honours_a_spent_token_for_a_while_then_revokes(
     assert await echo_status(session, cloud, second["accessToken"]) == 401
 
 
+async def test_rotations_stay_in_their_login_and_two_logins_are_apart(
+    cloud: MockCloud, session: aiohttp.ClientSession
+) -> None:
+    """same_login: a rotated refresh token belongs to the login it came from, never to another one."""
+    one, other = cloud.issue_pair(), cloud.issue_pair()
+    _, rotated = await refresh(session, cloud, one["refreshToken"])
+    assert cloud.same_login(rotated["refreshToken"], one["refreshToken"])
+    assert not cloud.same_login(rotated["refreshToken"], other["refreshToken"])
+    assert not cloud.same_login("rt_nope", one["refreshToken"])
+
+
 async def test_unknown_refresh_token_is_invalid_grant(cloud: MockCloud, session: aiohttp.ClientSession) -> None:
     """A refresh token the cloud never issued answers 403 invalid_grant."""
     assert await refresh(session, cloud, "rt_nope") == (403, {"error": "invalid_grant"})

@@ -175,6 +175,10 @@ class MockCloud:
         """Whether ``token`` is a live access token right now."""
         return self._ledger.access_token_valid(token)
 
+    def same_login(self, refresh_token: str, other: str) -> bool:
+        """Whether two refresh tokens belong to one login (one family of rotations)."""
+        return self._ledger.same_family(refresh_token, other)
+
     # -- test switches ----------------------------------------------------
 
     def fail_next_refreshes(self, n: int, status: int = 503) -> None:

@@ -114,6 +114,11 @@ class TokenLedger:
             new_refresh = self._new_refresh(grant.family)
         return Rotation(access, new_refresh, expires_at)
 
+    def same_family(self, refresh_token: str, other: str) -> bool:
+        """Whether two refresh tokens we issued belong to one login (one descends from the other's rotation)."""
+        first, second = self._refresh.get(refresh_token), self._refresh.get(other)
+        return first is not None and second is not None and first.family is second.family
+
     def _within_grace(self, grant: Grant) -> bool:
         return self.reuse_grace > 0 and self.clock() - grant.spent_at <= self.reuse_grace
 
