@@ -49,6 +49,11 @@ class HeldLogin:
         self.pair = pair
         self._problem = None
 
+    def saved(self, pair: TokenPair, version: Version) -> None:
+        """``pair`` is held and is what the store holds at ``version``."""
+        self.refreshed(pair)
+        self.version = version
+
     def dead(self) -> None:
         """The refresh token was refused and the store cleared: nothing is held until a new login."""
         self.pair = self.version = None

@@ -329,20 +329,20 @@ class TokenManager:
         return new_pair
 
     async def _commit(self, pending: PendingWrite, new_pair: TokenPair, *, spent: str) -> bool:
-        """Hold ``new_pair`` and save it; whether the store took it.  ``spent`` is used up either way:
-        an unsaved pair lives in memory, is never overridden by the stale store, and is saved on the next refresh.
-        StoreConflict (another write landed first) is the caller's to settle."""
-        self._held.refreshed(new_pair)
+        """Save ``new_pair``, then hold it (no request uses it before its write ended); whether the store took it.
+        ``spent`` is gone either way: an unsaved pair lives in memory until a refresh saves it.  StoreConflict: caller's."""
         try:
-            self._held.version = await pending.commit(new_pair)
-            return True
-        except StoreConflict:
-            raise
+            version = await pending.commit(new_pair)
         except StoreError as exc:
+            self._held.refreshed(new_pair)
+            if isinstance(exc, StoreConflict):
+                raise
             log.error("refreshed, but %s; the new login lives only in memory until it can be saved", exc)
             self.stats.last_error = str(exc)
             self._held.unsaved = UnsavedPair(new_pair, spent_refresh_token=spent)
             return False
+        self._held.saved(new_pair, version)
+        return True
 
     async def _newer_in_store(self, pair: TokenPair) -> TokenPair | None:
         """What the store holds if it is no longer ``pair``; adopted."""

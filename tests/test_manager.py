@@ -607,6 +607,54 @@ async def test_unsaved_refreshed_pair_is_not_overridden_by_the_spent_one(
     assert stored(store_path).access_token == newest
 
 
+class StoreWithSlowCommit(FileStore):
+    """A file store whose pair writes wait for ``release`` (a slow disk): ``writing`` is set while one waits."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.writing, self.release = asyncio.Event(), asyncio.Event()
+
+    async def begin_write(self, expected: object) -> Any:
+        write = await super().begin_write(expected)
+        store = self
+
+        class SlowWrite:
+            async def commit(self, pair: TokenPair) -> object:
+                store.writing.set()
+                await store.release.wait()
+                return await write.commit(pair)
+
+            async def abort(self) -> None:
+                await write.abort()
+
+        return SlowWrite()
+
+
+async def test_no_caller_gets_the_new_token_before_its_pair_is_saved(
+    cloud: MockCloud, store_path: Path, clock: FakeClock, monotonic: FakeClock
+) -> None:
+    """While the rotated pair is being written, callers wait for the write: a token in use is always one the store has.
+
+    (A kill in that moment loses the rotated refresh token either way; before this, a caller
+    could be served with the new access token while the store still held the spent one.)
+    """
+    seed_expired(store_path, cloud)
+    store = StoreWithSlowCommit(store_path)
+    async with aiohttp.ClientSession() as session:
+        settings = Settings(upstream=cloud.base_url, store=str(store_path), read_timeout=5.0)
+        manager = TokenManager(store, make_refresher(session, settings), clock=clock, monotonic=monotonic)
+        first = asyncio.ensure_future(manager.access_token())
+        await asyncio.wait_for(store.writing.wait(), 5)
+        second = asyncio.ensure_future(manager.access_token())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not first.done() and not second.done()
+        store.release.set()
+        tokens = await asyncio.gather(first, second)
+    assert cloud.refresh_calls == 1
+    assert tokens[0] == tokens[1] == stored(store_path).access_token
+
+
 async def test_oauth2_wrong_client_secret_is_transient_not_dead(
     cloud: MockCloud, store_path: Path, clock: FakeClock, make_manager: ManagerFactory
 ) -> None:
