@@ -146,8 +146,14 @@ async def test_container_command_line_serves_and_passes_its_healthcheck(tmp_path
 SHARED_SIDECARS = ("sidecar-a", "sidecar-b")
 
 
+def compose_example(name: str) -> dict[str, Any]:
+    """The compose file ``docker/NAME``, parsed."""
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "docker" / name).read_text())
+    return compose
+
+
 def compose_services(name: str) -> dict[str, Any]:
-    services: dict[str, Any] = yaml.safe_load((ROOT / "docker" / name).read_text())["services"]
+    services: dict[str, Any] = compose_example(name)["services"]
     return services
 
 
@@ -202,7 +208,7 @@ def test_compose_single_example_keeps_one_login_in_a_file_store_on_a_volume() ->
 )
 def test_compose_examples_check_the_client_key_not_uids(example: str, sidecars: tuple[str, ...]) -> None:
     """Across containers no uid can be seen: compose allows any uid, requires the key, and both sides read it from one secret."""
-    compose = yaml.safe_load((ROOT / "docker" / example).read_text())
+    compose = compose_example(example)
     client = compose["services"]["client"]
     for name in sidecars:
         sidecar = compose["services"][name]
@@ -271,7 +277,8 @@ def test_kubernetes_single_example_keeps_one_pod_and_its_store_on_a_claim() -> N
 async def test_compose_scenario_runs_without_docker(tmp_path: Path, processes: Processes) -> None:
     """compose.yaml's services as processes: a real Redis with its password, two sidecars seeded from the same token,
     the client (with the key from the secret) answered by both with the cloud's user, and one refresh for both."""
-    services = compose_services("compose.yaml")
+    compose = compose_example("compose.yaml")
+    services = compose["services"]
     redis_command = services["redis"]["command"]
     redis = RedisServer(tmp_path, redis_command[redis_command.index("--requirepass") + 1])
     redis.start()
@@ -285,8 +292,7 @@ async def test_compose_scenario_runs_without_docker(tmp_path: Path, processes: P
         await wait_healthy(f"http://127.0.0.1:{cloud_port}/_mock/stats", cloud)
         # The compose secret, as the file compose would mount at /run/secrets/.
         [secret] = services["sidecar-a"]["secrets"]
-        secrets = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["secrets"]
-        secret_file = ROOT / "docker" / secrets[secret]["file"]
+        secret_file = ROOT / "docker" / compose["secrets"][secret]["file"]
         ports = {}
         for name in SHARED_SIDECARS:
             ports[name] = free_port()

@@ -607,6 +607,21 @@ async def test_unsaved_refreshed_pair_is_not_overridden_by_the_spent_one(
     assert stored(store_path).access_token == newest
 
 
+class _SlowWrite:
+    """A prepared write that commits only once ``release`` is set, and sets ``writing`` while it waits."""
+
+    def __init__(self, write: Any, writing: asyncio.Event, release: asyncio.Event) -> None:
+        self._write, self._writing, self._release = write, writing, release
+
+    async def commit(self, pair: TokenPair) -> object:
+        self._writing.set()
+        await self._release.wait()
+        return await self._write.commit(pair)
+
+    async def abort(self) -> None:
+        await self._write.abort()
+
+
 class StoreWithSlowCommit(FileStore):
     """A file store whose pair writes wait for ``release`` (a slow disk): ``writing`` is set while one waits."""
 
@@ -615,19 +630,7 @@ class StoreWithSlowCommit(FileStore):
         self.writing, self.release = asyncio.Event(), asyncio.Event()
 
     async def begin_write(self, expected: object) -> Any:
-        write = await super().begin_write(expected)
-        store = self
-
-        class SlowWrite:
-            async def commit(self, pair: TokenPair) -> object:
-                store.writing.set()
-                await store.release.wait()
-                return await write.commit(pair)
-
-            async def abort(self) -> None:
-                await write.abort()
-
-        return SlowWrite()
+        return _SlowWrite(await super().begin_write(expected), self.writing, self.release)
 
 
 async def test_no_caller_gets_the_new_token_before_its_pair_is_saved(
